@@ -1,0 +1,68 @@
+import pytest
+
+from mmft.config import ConfigError, load_config, parse_overrides
+
+
+def test_defaults_and_yaml_values(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 0.001\n  steps: 5\nlora:\n  image:\n    rank: 4\n")
+    cfg = load_config(path)
+    assert cfg.train.lr == 0.001 and cfg.train.steps == 5
+    assert cfg.lora.image.rank == 4 and cfg.lora.text.rank == 8  # untouched tower keeps its default
+
+
+def test_dotted_overrides_win_over_yaml(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 0.001\n")
+    cfg = load_config(path, ["train.lr=1e-4", "data.train=[a.tar, b.tar]", "lora.text.enabled=false"])
+    assert cfg.train.lr == pytest.approx(1e-4)
+    assert cfg.data.train == ["a.tar", "b.tar"]
+    assert cfg.lora.text.enabled is False
+
+
+def test_int_is_accepted_for_float():
+    cfg = load_config(None, ["train.lr=1"])
+    assert isinstance(cfg.train.lr, float) and cfg.train.lr == 1.0
+
+
+@pytest.mark.parametrize("override, key", [
+    (["train.lrr=1e-4"], "train.lrr"),
+    (["trian.lr=1e-4"], "trian"),
+    (["lora.image.rnak=4"], "lora.image.rnak"),
+])
+def test_unknown_key_is_refused_by_name(override, key):
+    with pytest.raises(ConfigError, match=f"unknown config key '{key}'"):
+        load_config(None, override)
+
+
+def test_unknown_key_in_yaml_is_refused(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  batchsize: 4\n")
+    with pytest.raises(ConfigError, match="data.batchsize"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, key", [
+    (["train.steps=many"], "train.steps"),
+    (["train.lr=[1, 2]"], "train.lr"),
+    (["data.train=a.tar"], "data.train"),
+    (["train.resume=3"], "train.resume"),
+])
+def test_wrong_type_is_refused_by_name(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, override)
+
+
+def test_missing_file_and_bad_override():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent/run.yaml")
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_overrides(["train.lr"])
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    for path in configs:
+        load_config(path)

@@ -1,0 +1,103 @@
+import pytest
+import torch
+
+from mmft.config import ModelConfig
+from mmft.models import ModelLoadError, create_model, model_identity, packaged_tower_paths
+from conftest import tiny_timm_hf_config
+
+
+def test_mmft_mini_loads_packaged_image_weights():
+    model, _, preprocess_val, tokenizer = create_model(ModelConfig())
+    eff_path, _ = packaged_tower_paths()
+    src = torch.load(eff_path, map_location="cpu", weights_only=True)
+    trunk = model.visual.trunk.state_dict()
+    # every trunk tensor equals the packaged file's tensor at the same position
+    for (name, t), (src_name, s) in zip(trunk.items(), list(src.items())[: len(trunk)]):
+        assert torch.equal(t, s), (name, src_name)
+    assert model.visual.preprocess_cfg["mean"] == (0.5, 0.5, 0.5)
+
+
+def test_mmft_mini_imagenet_head_recognises_a_synthetic_class():
+    """The packaged file's classifier, loaded into timm's model, is a working ImageNet head."""
+    import timm
+
+    from mmft.models import load_packaged_efficientnet
+
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000).eval()
+    n = load_packaged_efficientnet(net, packaged_tower_paths()[0])
+    assert n == len(net.state_dict())
+    x = torch.zeros(2, 3, 224, 224)
+    x[1].uniform_(-1, 1)
+    with torch.no_grad():
+        probs = net(x).softmax(-1)
+    # a trained head is confident on some class; a random head spreads ~1/1000 everywhere
+    assert probs.max().item() > 0.05
+
+
+def test_mmft_mini_text_tower_is_pretrained_minilm():
+    from transformers import AutoModel
+
+    model, *_ = create_model(ModelConfig())
+    _, text_dir = packaged_tower_paths()
+    ref = AutoModel.from_pretrained(str(text_dir))
+    ours = model.text.transformer.state_dict()
+    for name, t in ref.state_dict().items():
+        if name in ours:
+            assert torch.equal(ours[name], t), name
+
+
+def test_mmft_mini_embeds_offline():
+    from PIL import Image
+
+    model, _, preprocess_val, tokenizer = create_model(ModelConfig())
+    model.eval()
+    img = preprocess_val(Image.new("RGB", (200, 150), (200, 30, 30)))[None]
+    with torch.no_grad():
+        out = model(img, tokenizer(["a red square", "a cat"]))
+    assert out["image_features"].shape == (1, 256) and out["text_features"].shape == (2, 256)
+    assert torch.allclose(out["image_features"].norm(dim=-1), torch.ones(1), atol=1e-5)
+
+
+def test_identity_records_weights(tmp_path, tiny_vit_cfg):
+    model, *_ = create_model(tiny_vit_cfg)
+    ident = model_identity(model)
+    assert ident["name"] == "tiny-vit" and ident["arch"]
+    path = tmp_path / "w.pt"
+    torch.save(model.state_dict(), path)
+    loaded, *_ = create_model(ModelConfig(name="tiny-vit", model_cfg=tiny_vit_cfg.model_cfg, pretrained=str(path)))
+    assert model_identity(loaded)["sha256"] and model_identity(loaded)["pretrained"] == "w.pt"
+    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_local_checkpoint_for_builtin_name(tmp_path):
+    import open_clip
+
+    ref = open_clip.create_model("RN50")
+    path = tmp_path / "rn50.pt"
+    torch.save(ref.state_dict(), path)
+    model, *_ = create_model(ModelConfig(name="RN50", pretrained=str(path)))
+    assert torch.equal(model.visual.conv1.weight, ref.visual.conv1.weight)
+
+
+def test_timm_and_hf_towers_from_model_config(tiny_hf_dir):
+    model, _, pv, tok = create_model(ModelConfig(name="tiny-timm-hf", model_cfg=tiny_timm_hf_config(tiny_hf_dir)))
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 224, 224), tok(["a", "b c"]))
+    assert out["image_features"].shape == (2, 32)
+
+
+def test_offline_pretrained_tag_fails_fast_with_one_sentence():
+    import time
+
+    t = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="no network.*local checkpoint file"):
+        create_model(ModelConfig(name="ViT-B-32", pretrained="laion2b_s34b_b79k"))
+    assert time.perf_counter() - t < 30
+
+
+def test_bad_names_are_refused():
+    with pytest.raises(ModelLoadError, match="unknown model 'ViT-Z-99'"):
+        create_model(ModelConfig(name="ViT-Z-99"))
+    with pytest.raises(ModelLoadError, match="neither a file nor a known tag"):
+        create_model(ModelConfig(name="ViT-B-32", pretrained="/no/such/file.pt"))
