@@ -1,0 +1,182 @@
+"""The trainer on tiny generated image-text pairs (no shards needed)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmft.config import Config, LoraConfig, ModelConfig, TrainConfig
+from mmft.models import create_model
+from mmft.train import train
+from mmft.validate import retrieval_recall
+from conftest import TINY_VIT, eval_batches, make_pairs, pair_batches
+
+
+def _cfg(tmp_path, **train_kw) -> Config:
+    kw = dict(output_dir=str(tmp_path / "run"), steps=30, lr=2e-3, warmup_steps=3, log_every=5, seed=0,
+              loss_impl="reference")
+    kw.update(train_kw)
+    cfg = Config(model=ModelConfig(name="tiny-vit", model_cfg=TINY_VIT), train=TrainConfig(**kw))
+    cfg.data.batch_size = 16
+    return cfg
+
+
+def _data(cfg, n=64):
+    torch.manual_seed(0)  # the tiny model's random init
+    model, _, pv, tok = create_model(cfg.model)
+    pairs = make_pairs(n)
+    return model, tok, pair_batches(pv, tok, pairs, cfg.data.batch_size), eval_batches(pv, pairs)
+
+
+def test_training_lowers_loss_and_raises_recall(tmp_path):
+    cfg = _cfg(tmp_path, steps=40, val_every=20)
+    model, tok, batches, val = _data(cfg)
+    before = retrieval_recall(model, val, tok, "cpu")
+    run = train(cfg, train_data=batches, val_data=val, model=model, tokenizer=tok)
+    lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in lines if x["event"] == "train"]
+    vals = [x for x in lines if x["event"] == "val"]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert vals and vals[-1]["mean_r1"] > before["mean_r1"] + 10, (before, vals[-1])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 40 and 0 < summary["trainable_share"] < 0.1
+    for d in ("adapter-best", "adapter-last"):
+        assert (run / d / "adapter_model.safetensors").is_file()
+    assert len(list((run / "checkpoints").glob("step-*.pt"))) <= cfg.train.keep_checkpoints
+
+
+def test_frozen_parameters_do_not_move(tmp_path):
+    cfg = _cfg(tmp_path, steps=5)
+    model, tok, batches, _ = _data(cfg, n=32)
+    from mmft.lora import apply_lora
+
+    apply_lora(model, cfg.lora)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    train(cfg, train_data=batches, model=model, tokenizer=tok)
+    params = dict(model.named_parameters())
+    assert frozen and all(torch.equal(params[n], t) for n, t in frozen.items())
+    moved = [n for n, t in trained.items() if not torch.equal(params[n], t)]
+    assert any(n.endswith("lora_B") for n in moved) and "visual.proj" in moved and "text_projection" in moved
+
+
+def test_resume_reaches_the_same_parameters(tmp_path):
+    """Stopped after a checkpoint, then resumed: the same parameters as one uninterrupted run."""
+    full = _cfg(tmp_path / "a", steps=12, checkpoint_every=4)
+    model, tok, batches, _ = _data(full, n=48)  # 3 batches per epoch: resume lands mid-epoch
+    train(full, train_data=batches, model=model, tokenizer=tok)
+    ref = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    part = _cfg(tmp_path / "b", steps=12, checkpoint_every=4)
+    m1, tok1, b1, _ = _data(part, n=48)
+    # first run: dies right after writing its step-8 checkpoint
+    from mmft import train as train_mod
+
+    class Stop(Exception):
+        pass
+
+    orig = train_mod.Checkpointer.save
+
+    def save_then_die(self, state, step):
+        path = orig(self, state, step)
+        if step == 8:
+            raise Stop
+        return path
+
+    train_mod.Checkpointer.save = save_then_die
+    try:
+        with pytest.raises(Stop):
+            train(part, train_data=b1, model=m1, tokenizer=tok1)
+    finally:
+        train_mod.Checkpointer.save = orig
+    m2, tok2, b2, _ = _data(part, n=48)
+    train(part, train_data=b2, model=m2, tokenizer=tok2)
+    got = {n: p.detach() for n, p in m2.named_parameters() if p.requires_grad}
+    assert json.loads((Path(part.train.output_dir) / "summary.json").read_text())["steps"] == 12
+    for n, t in ref.items():
+        torch.testing.assert_close(got[n], t, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_groups_reach_the_loss(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path, steps=2)
+    model, _, pv, tok = create_model(cfg.model)
+    batches = pair_batches(pv, tok, make_pairs(32), 16, with_groups=True)
+    seen = []
+    import mmft.loss as loss_mod
+
+    real = loss_mod.contrastive_loss
+
+    def spy(*a, group_ids=None, **kw):
+        seen.append(group_ids)
+        return real(*a, group_ids=group_ids, **kw)
+
+    monkeypatch.setattr(loss_mod, "contrastive_loss", spy)
+    train(cfg, train_data=batches, model=model, tokenizer=tok)
+    assert seen and all(g is not None and g.shape == (16,) for g in seen)
+
+
+def test_accumulation_and_bf16_run(tmp_path):
+    cfg = _cfg(tmp_path, steps=3, accum_steps=2, precision="bf16")
+    model, tok, batches, _ = _data(cfg, n=96)
+    run = train(cfg, train_data=batches, model=model, tokenizer=tok)
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
+
+
+def test_head_only_on_cached_features(tmp_path):
+    """LiT-style alignment: frozen towers, heads trained on features computed once."""
+    cfg = Config(model=ModelConfig(image_size=64),
+                 lora=LoraConfig(),
+                 train=TrainConfig(output_dir=str(tmp_path / "run"), epochs=30, lr=5e-3, warmup_steps=2,
+                                   cache_features=True, loss_impl="reference"))
+    cfg.lora.image.enabled = cfg.lora.text.enabled = False
+    cfg.data.batch_size = 16
+    model, _, pv, tok = create_model(cfg.model)
+    pairs = make_pairs(48, size=64)
+    val = eval_batches(pv, pairs)
+    before = retrieval_recall(model, val, tok, "cpu")
+    trunk_before = model.visual.trunk.conv_stem.weight.clone()
+    run = train(cfg, train_data=val, val_data=val, model=model, tokenizer=tok)
+    after = json.loads((run / "summary.json").read_text())["best"]["metrics"]
+    assert after["mean_r1"] > before["mean_r1"] + 20, (before, after)
+    assert torch.equal(model.visual.trunk.conv_stem.weight, trunk_before)
+
+
+@pytest.mark.slow
+def test_killed_process_resumes_from_its_checkpoint(tmp_path):
+    """A real SIGKILL mid-run: the next run continues from the newest checkpoint, which is never half-written."""
+    script = tmp_path / "run.py"
+    script.write_text(f"""
+import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_train import _cfg, _data
+from mmft.train import train
+from pathlib import Path
+cfg = _cfg(Path({str(tmp_path)!r}), steps=400, checkpoint_every=2, keep_checkpoints=2)
+model, tok, batches, _ = _data(cfg, n=32)
+train(cfg, train_data=batches, model=model, tokenizer=tok)
+""")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent))
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "run" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(ckpts.glob("step-*.pt"))) < 2:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = sorted(ckpts.glob("step-*.pt"))
+    assert saved, "no checkpoint before the kill"
+    step_at_kill = torch.load(saved[-1], weights_only=False)["step"]
+    assert 0 < step_at_kill < 400
+    from test_train import _cfg as cfg_fn
+
+    cfg = cfg_fn(tmp_path, steps=step_at_kill + 4, checkpoint_every=2)
+    model, tok, batches, _ = _data(cfg, n=32)
+    train(cfg, train_data=batches, model=model, tokenizer=tok)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert steps[-1] == step_at_kill + 4 and step_at_kill + 4 in steps
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == step_at_kill + 4
