@@ -98,8 +98,12 @@ def check_identity(expected: dict, model: torch.nn.Module, what: str) -> None:
 
 
 @torch.no_grad()
-def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Module:
-    """Apply LoRA as recorded in `adapter_dir` (if the model has none yet) and load its tensors."""
+def load_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, partial: bool = False) -> torch.nn.Module:
+    """Apply LoRA as recorded in `adapter_dir` (if the model has none yet) and load its tensors.
+
+    partial=True loads only the tensors the model's own adapter layout also has (e.g. the heads of a
+    head-only run as the starting point of a LoRA run) and leaves the rest as they are.
+    """
     from safetensors.torch import load_file
 
     meta = read_adapter_config(adapter_dir)
@@ -109,8 +113,12 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Mo
     tensors = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
     params = dict(model.named_parameters())
     expected = {n for n in params if ".lora_" in n} | set(model.mmft_lora["full"])
+    if partial:
+        tensors = {n: t for n, t in tensors.items() if n in expected}
+        if not tensors:
+            raise AdapterMismatchError(f"the adapter in '{adapter_dir}' shares no tensor with this model's adapter")
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-    if missing or unexpected:
+    if (missing and not partial) or unexpected:
         raise AdapterMismatchError(
             f"the adapter in '{adapter_dir}' does not fit this model's LoRA layout "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]}); was it saved with another lora config?"

@@ -105,6 +105,8 @@ class TrainConfig:
     resume: bool = True  # continue from the newest checkpoint in output_dir
     tensorboard: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Start from another run's adapter on the same base (e.g. heads of a head-only run: LP-FT). "" = fresh.
+    init_adapter: str = ""
     # Frozen towers (head-only training): embed the trunks once and train the heads on cached features.
     cache_features: bool = False
 

@@ -183,7 +183,7 @@ def _build_data(cfg: Config, model, preprocess_train, preprocess_val, tokenizer,
     if train_data is None:
         if not cfg.data.train:
             raise ValueError("no training data: set data.train to shard specs or pass train_data=")
-        transform = data_mod.train_transform(model, cfg.data) if hasattr(data_mod, "train_transform") else preprocess_train
+        transform = data_mod.make_train_transform(preprocess_val, cfg.data)  # augmentation from cfg.data
         train_data = data_mod.train_loader(cfg.data, transform, tokenizer, seed=cfg.train.seed,
                                            device_type=device.type)
     if val_data is None and cfg.data.val:
@@ -216,6 +216,10 @@ def train(cfg: Config, *, train_data: Iterable | None = None, val_data: Iterable
     else:
         preprocess_train = preprocess_val = None
     summary_params = apply_lora(model, cfg.lora) if getattr(model, "mmft_lora", None) is None else trainable_summary(model)
+    if tcfg.init_adapter:
+        from .adapter import load_adapter
+
+        load_adapter(model, tcfg.init_adapter, partial=True)
     model.to(device)
     if is_main:
         log.info("%s", summary_params)

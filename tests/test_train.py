@@ -180,3 +180,24 @@ train(cfg, train_data=batches, model=model, tokenizer=tok)
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert steps[-1] == step_at_kill + 4 and step_at_kill + 4 in steps
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == step_at_kill + 4
+
+
+def test_load_model_returns_the_trained_model(tmp_path):
+    torch.manual_seed(0)
+    base, *_ = create_model(ModelConfig(name="tiny-vit", model_cfg=TINY_VIT))
+    torch.save(base.state_dict(), tmp_path / "base.pt")
+    cfg = _cfg(tmp_path, steps=6, val_every=3)
+    cfg.model.pretrained = str(tmp_path / "base.pt")
+    model, _, pv, tok = create_model(cfg.model)
+    pairs = make_pairs(32)
+    run = train(cfg, train_data=pair_batches(pv, tok, pairs, 16), val_data=eval_batches(pv, pairs),
+                model=model, tokenizer=tok)
+    from mmft.adapter import load_model
+
+    loaded = load_model(run, adapter="last")
+    model.eval()
+    x, t = torch.randn(2, 3, 32, 32), tok(["a red square", "a blue circle"])
+    with torch.no_grad():
+        a, b = model(x, t), loaded.model(x, t)
+    assert torch.equal(a["image_features"], b["image_features"]) and torch.equal(a["text_features"], b["text_features"])
+    assert (run / "adapter-best" / "adapter_config.json").is_file()

@@ -1,0 +1,198 @@
+"""The mmft command line: one subcommand per pipeline stage, each one library call.
+
+    mmft train  --config configs/domain_lora.yaml train.lr=1e-4
+    mmft eval   --run runs/demo/domain-lora --config configs/domain_lora.yaml
+    mmft index  build --run RUN --shards 'data/test-{00000..00003}.tar' --out runs/index
+    mmft index  query runs/index "a red apple" -k 5
+    mmft export --run RUN --out exported/model.pt --lora-scale 0.5
+    mmft shards ...            (see mmft shards --help)
+    mmft demo                  (the offline end-to-end demo)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _config(args):
+    from .config import load_config
+
+    return load_config(getattr(args, "config", None), getattr(args, "overrides", []) or [])
+
+
+def cmd_train(args) -> int:
+    from .distributed import init_from_env
+    from .train import train
+
+    init_from_env()
+    run = train(_config(args))
+    print(f"run directory: {run}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate_run
+
+    cfg = _config(args)
+    report = evaluate_run(args.run, cfg.eval, args.out, data_cfg=cfg.data if args.config else None)
+    out = Path(args.out) if args.out else Path(args.run) / "eval"
+    print((out / "report.md").read_text() if (out / "report.md").is_file() else json.dumps(report, indent=1))
+    return 0
+
+
+def cmd_index_build(args) -> int:
+    from .index import build_index_from_run
+
+    cfg = _config(args)
+    if args.factory is not None:
+        cfg.index.factory = args.factory
+    if args.lora_scale is not None:
+        cfg.index.lora_scale = args.lora_scale
+    index = build_index_from_run(args.run, args.shards, args.out, cfg.index, data_cfg=cfg.data)
+    print(f"index: {args.out or Path(args.run) / 'index'} ({index})")
+    return 0
+
+
+def cmd_index_query(args) -> int:
+    from .index import query_index
+
+    kind = "image" if args.image else "text"
+    results = query_index(args.index, args.run, **{kind: args.query}, k=args.k)
+    for query, hits in zip(args.query, results):
+        print(f"{query}")
+        for h in hits:
+            print(f"  {h['rank']:>3}  {h['score']:.4f}  {h['id']}")
+    return 0
+
+
+def cmd_index_merge(args) -> int:
+    from .index import merge_index_parts
+
+    merge_index_parts(args.parts, args.out)
+    print(f"merged index: {args.out}")
+    return 0
+
+
+def cmd_embed(args) -> int:
+    from .distributed import init_from_env
+    from .embed import embed_run
+
+    init_from_env()
+    embed_run(args.run, args.shards, args.out, lora_scale=args.lora_scale)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .adapter import export, load_model
+
+    model = load_model(args.run, adapter=args.adapter).model
+    path = export(model, args.out, lora_scale=args.lora_scale)
+    print(f"exported merged open_clip state dict: {path} (config: {path.with_suffix('.json')})")
+    return 0
+
+
+def cmd_shards(args) -> int:
+    from .shards import run_from_args
+
+    opts = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("fn", "verbose")})
+    return run_from_args(opts)
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(out_dir=args.out, data_dir=args.data, configs_dir=args.configs, quick=args.quick,
+             overrides=args.overrides)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmft", description="Fine-tune CLIP-style dual encoders with LoRA and "
+                                "ship FAISS search indexes.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp, required=False):
+        sp.add_argument("--config", required=required, help="YAML run config")
+        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
+
+    sp = sub.add_parser("train", help="fine-tune (resumes from the newest checkpoint of the run directory)")
+    with_config(sp, required=True)
+    sp.set_defaults(fn=cmd_train)
+
+    sp = sub.add_parser("eval", help="baseline vs tuned recall with CIs, LoRA-scale sweep, report.md + plots")
+    sp.add_argument("--run", required=True, help="training run directory")
+    sp.add_argument("--out", help="report directory (default RUN/eval)")
+    with_config(sp)
+    sp.set_defaults(fn=cmd_eval)
+
+    idx = sub.add_parser("index", help="build, query or merge FAISS indexes").add_subparsers(dest="action", required=True)
+    sp = idx.add_parser("build", help="embed a gallery with a trained run and save a FAISS index")
+    sp.add_argument("--run", required=True)
+    sp.add_argument("--shards", required=True, nargs="+", help="gallery shard specs")
+    sp.add_argument("--out", help="index directory (default RUN/index)")
+    sp.add_argument("--factory", help="FAISS factory string (default: chosen from the gallery size)")
+    sp.add_argument("--lora-scale", type=float, help="scale of the fine-tuning delta (default 1.0)")
+    with_config(sp)
+    sp.set_defaults(fn=cmd_index_build)
+    sp = idx.add_parser("query", help="top-k gallery ids for text (or image paths with --image)")
+    sp.add_argument("index", help="index directory")
+    sp.add_argument("query", nargs="+", help="query texts (or image paths with --image)")
+    sp.add_argument("-k", type=int, default=5)
+    sp.add_argument("--image", action="store_true", help="queries are image files")
+    sp.add_argument("--run", help="run directory of the model (default: the one recorded in the index)")
+    sp.set_defaults(fn=cmd_index_query)
+    sp = idx.add_parser("merge", help="merge per-rank index parts into one index")
+    sp.add_argument("parts", nargs="+", help="part directories written by `mmft embed`")
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(fn=cmd_index_merge)
+
+    sp = sub.add_parser("embed", help="embed a gallery into part files (one per rank under torchrun)")
+    sp.add_argument("--run", required=True)
+    sp.add_argument("--shards", required=True, nargs="+")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--lora-scale", type=float, default=1.0)
+    sp.set_defaults(fn=cmd_embed)
+
+    sp = sub.add_parser("export", help="merge the adapter into a plain open_clip state dict")
+    sp.add_argument("--run", required=True)
+    sp.add_argument("--out", required=True, help="output .pt path")
+    sp.add_argument("--adapter", default="best", help="best, last, or an adapter directory")
+    sp.add_argument("--lora-scale", type=float, help="scale of the fine-tuning delta (default 1.0)")
+    sp.set_defaults(fn=cmd_export)
+
+    from .shards import add_arguments as shard_arguments
+
+    sp = sub.add_parser("shards", help="write WebDataset shards from folders, CSV/TSV/JSONL or class folders")
+    shard_arguments(sp)
+    sp.set_defaults(fn=cmd_shards)
+
+    sp = sub.add_parser("demo", help="offline end-to-end demo: data, align, fine-tune, index, report")
+    sp.add_argument("--out", default="runs/demo", help="where runs, index and report go")
+    sp.add_argument("--data", default="data/demo", help="where the demo shards go")
+    sp.add_argument("--configs", default=None, help="config folder (default: the project's configs/)")
+    sp.add_argument("--quick", action="store_true", help="tiny splits and few steps (a smoke test)")
+    sp.add_argument("overrides", nargs="*", help="dotted overrides applied to every training stage")
+    sp.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # Errors raised by mmft are sentences for people; show them without a traceback.
+        if args.verbose:
+            raise
+        print(f"mmft {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

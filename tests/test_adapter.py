@@ -1,0 +1,130 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from mmft.adapter import (AdapterMismatchError, adapter_digest, export, load_adapter, load_model, save_adapter)
+from mmft.config import LoraConfig, ModelConfig
+from mmft.lora import apply_lora, set_lora_scale
+from mmft.models import create_model
+from conftest import TINY_VIT
+
+
+def _tuned(cfg: ModelConfig, seed=0):
+    torch.manual_seed(seed)
+    model, _, pv, tok = create_model(cfg)
+    apply_lora(model, LoraConfig())
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                nn.init.normal_(p, std=0.05)
+        model.logit_scale.add_(0.3)
+        model.text_projection.add_(0.01 * torch.randn_like(model.text_projection))
+    return model.eval(), tok
+
+
+def _embed(model, tok):
+    torch.manual_seed(5)
+    with torch.no_grad():
+        out = model(torch.randn(3, 3, 32, 32), tok(["a cat", "a red square", "two dogs"]))
+    return out["image_features"], out["text_features"]
+
+
+def test_save_load_round_trip_gives_identical_embeddings(tmp_path, tiny_vit_cfg):
+    model, tok = _tuned(tiny_vit_cfg)
+    save_adapter(model, tmp_path / "ad")
+    meta = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert meta["base_model"]["name"] == "tiny-vit" and meta["digest"] == adapter_digest(model)
+    torch.manual_seed(0)
+    fresh, _, _, _ = create_model(tiny_vit_cfg)  # same base (same seed), no adapter yet
+    load_adapter(fresh, tmp_path / "ad")
+    fresh.eval()
+    for a, b in zip(_embed(model, tok), _embed(fresh, tok)):
+        assert torch.equal(a, b)
+    assert adapter_digest(fresh) == adapter_digest(model)
+
+
+def test_adapter_on_wrong_base_is_refused(tmp_path, tiny_vit_cfg):
+    model, _ = _tuned(tiny_vit_cfg)
+    save_adapter(model, tmp_path / "ad")
+    other = dict(TINY_VIT, embed_dim=16)
+    wrong, *_ = create_model(ModelConfig(name="tiny-vit-16", model_cfg=other))
+    with pytest.raises(AdapterMismatchError, match="was trained on base tiny-vit.*but the model is tiny-vit-16"):
+        load_adapter(wrong, tmp_path / "ad")
+    # same architecture, different weights file: refused by sha256
+    torch.save(create_model(tiny_vit_cfg)[0].state_dict(), tmp_path / "other.pt")
+    other_weights, *_ = create_model(ModelConfig(name="tiny-vit", model_cfg=TINY_VIT, pretrained=str(tmp_path / "other.pt")))
+    with pytest.raises(AdapterMismatchError, match="pretrained, sha256 differ"):
+        load_adapter(other_weights, tmp_path / "ad")
+
+
+def test_adapter_layout_mismatch_is_refused(tmp_path, tiny_vit_cfg):
+    model, _ = _tuned(tiny_vit_cfg)
+    save_adapter(model, tmp_path / "ad")
+    torch.manual_seed(0)
+    target, *_ = create_model(tiny_vit_cfg)
+    cfg = LoraConfig()
+    cfg.text.enabled = False
+    apply_lora(target, cfg)
+    with pytest.raises(AdapterMismatchError, match="does not fit this model's LoRA layout"):
+        load_adapter(target, tmp_path / "ad")
+
+
+def test_export_round_trip_through_open_clip(tmp_path, tiny_vit_cfg):
+    import open_clip
+
+    model, tok = _tuned(tiny_vit_cfg)
+    path = export(model, tmp_path / "tiny-export.pt")
+    open_clip.add_model_config(tmp_path / "tiny-export.json")
+    plain = open_clip.create_model("tiny-export", pretrained=str(path)).eval()
+    torch.manual_seed(5)
+    x, t = torch.randn(3, 3, 32, 32), tok(["a cat", "a red square", "two dogs"])
+    with torch.no_grad():
+        img, txt = plain.encode_image(x, normalize=True), plain.encode_text(t, normalize=True)
+    ref_img, ref_txt = _embed(model, tok)
+    torch.testing.assert_close(img, ref_img, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(txt, ref_txt, atol=1e-5, rtol=1e-4)
+    # the model given to export keeps its adapter
+    assert getattr(model, "mmft_lora", None) is not None
+
+
+def test_export_at_lora_scale_and_as_next_base(tmp_path, tiny_vit_cfg):
+    model, tok = _tuned(tiny_vit_cfg)
+    path = export(model, tmp_path / "half.pt", lora_scale=0.5)
+    set_lora_scale(model, 0.5)
+    ref = _embed(model, tok)
+    base, *_ = create_model(ModelConfig(name="tiny-vit", model_cfg=TINY_VIT, pretrained=str(path)))
+    base.eval()
+    for a, b in zip(ref, _embed(base, tok)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    meta = json.loads((tmp_path / "half.mmft.json").read_text())
+    assert meta["lora_scale"] == 0.5 and meta["adapter_digest"] == adapter_digest(model)
+
+
+def test_export_mmft_mini_round_trip(tmp_path):
+    model, _, pv, tok = create_model(ModelConfig(image_size=64))
+    apply_lora(model, LoraConfig())
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                nn.init.normal_(p, std=0.02)
+    model.eval()
+    path = export(model, tmp_path / "mini.pt")
+    loaded, *_ = create_model(ModelConfig(image_size=64, pretrained=str(path)))
+    loaded.eval()
+    x = torch.randn(2, 3, 64, 64)
+    t = tok(["a red apple", "a bicycle"])
+    with torch.no_grad():
+        a, b = model(x, t), loaded(x, t)
+    for key in ("image_features", "text_features"):
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+def test_load_model_from_run_dir_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not an mmft run directory"):
+        load_model(tmp_path)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json is missing"):
+        load_adapter(create_model(ModelConfig(name="tiny-vit", model_cfg=TINY_VIT))[0], tmp_path)
