@@ -1,0 +1,271 @@
+"""FAISS indexes: search vs brute force, save/load round trip, manifest checks, errors, factories."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mmft.config import IndexConfig, LoraConfig, ModelConfig
+from mmft.embed import embed
+from mmft.index import (
+    IndexLoadError,
+    StaleIndexError,
+    apply_fp16,
+    build_index,
+    build_index_from_model,
+    default_factory,
+    load_index,
+    query_index,
+)
+from mmft.lora import apply_lora, set_lora_scale
+from mmft.models import create_model
+
+TINY = {"embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+
+
+def _unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _tiny(name="tiny-vit", seed=0, lora=True):
+    torch.manual_seed(seed)
+    model, _, preprocess, tok = create_model(ModelConfig(name=name, model_cfg=TINY))
+    if lora:
+        apply_lora(model, LoraConfig())
+        g = torch.Generator().manual_seed(seed + 1)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:  # stand-in for training: a non-zero delta
+                p.data.normal_(0, 0.3, generator=g)
+    return model, preprocess, tok
+
+
+def _batches(n=23, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for s in range(0, n, 8):
+        b = min(8, n - s)
+        out.append({"image": torch.randn(b, 3, 32, 32, generator=g),
+                    "key": [f"img{i:03d}" for i in range(s, s + b)],
+                    "captions": [[f"a photo of thing {i}", f"thing number {i}"] for i in range(s, s + b)],
+                    "group": None})
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return _tiny()
+
+
+def _brute_topk(q, g, k):
+    s = q @ g.T  # (Q, N)
+    order = np.argsort(-s, axis=1)[:, :k]
+    return np.take_along_axis(s, order, 1), order
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32", "IVF8,Flat"])
+def test_search_matches_brute_force_topk(factory):
+    rng = np.random.default_rng(0)
+    g, q = _unit(rng.standard_normal((503, 37))), _unit(rng.standard_normal((29, 37)))
+    index = build_index(g, index_cfg=IndexConfig(factory=factory, nprobe=8, use_gpu="never"))
+    scores, ids = index.search(q, k=10)
+    ref_s, ref_i = _brute_topk(q, g, 10)
+    np.testing.assert_allclose(scores, ref_s, atol=1e-5)  # same scores position by position
+    rows = ids.astype(np.int64)
+    np.testing.assert_allclose(np.take_along_axis(q @ g.T, rows, 1), scores, atol=1e-5)  # ties tolerated
+    if factory != "HNSW32":  # exhaustive (nprobe = nlist): the same rows unless two scores tie
+        assert (rows == ref_i).mean() > 0.99
+
+
+def test_k_larger_than_gallery_pads_with_empty_ids():
+    index = build_index(_unit(np.random.default_rng(1).standard_normal((3, 8))))
+    scores, ids = index.search(np.ones((1, 8), np.float32), k=5)
+    assert ids[0, 3:].tolist() == ["", ""] and np.isinf(scores[0, 3:]).all()
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat", "HNSW32", "IVF4,PQ4x4"])
+def test_saved_index_returns_the_same_neighbours(tmp_path, factory):
+    rng = np.random.default_rng(2)
+    g, q = _unit(rng.standard_normal((300, 16))), _unit(rng.standard_normal((11, 16)))
+    ids = [f"item-{i}" for i in range(300)]
+    cfg = IndexConfig(factory=factory, nprobe=2, use_gpu="never")
+    built = build_index(g, tmp_path / "ix", ids=ids, index_cfg=cfg)
+    before = built.search(q, k=7)
+    loaded = load_index(tmp_path / "ix", use_gpu="never")
+    after = loaded.search(q, k=7)
+    np.testing.assert_array_equal(before[1], after[1])
+    np.testing.assert_allclose(before[0], after[0])
+    assert loaded.manifest["nprobe"] == (2 if "IVF" in factory else None)
+    by_vector = query_index(tmp_path / "ix", vector=q[:1], k=7)[0]
+    assert [h["id"] for h in by_vector] == before[1][0].tolist()
+    assert {p.name for p in (tmp_path / "ix").iterdir()} == {"index.faiss", "ids.json", "manifest.json"}
+
+
+def test_manifest_records_the_model_and_refuses_a_different_one(tmp_path, tiny):
+    model, _, tok = tiny
+    emb = embed(model, _batches(), tokenizer=tok, progress=False)
+    index = build_index(emb, tmp_path / "ix")
+    man = json.loads((tmp_path / "ix" / "manifest.json").read_text())
+    assert man["model"]["name"] == "tiny-vit" and len(man["adapter_sha256"]) == 64 and man["lora_scale"] == 1.0
+    assert man["count"] == 23 and man["dim"] == 32 and man["modality"] == "image" and man["factory"] == "Flat"
+    load_index(tmp_path / "ix", model=model)  # the same model: accepted
+
+    other_base, _, _ = _tiny(name="tiny-vit-other", seed=0)
+    with pytest.raises(StaleIndexError, match="the base model differs"):
+        load_index(tmp_path / "ix", model=other_base)
+    other_adapter = copy.deepcopy(model)
+    next(p for n, p in other_adapter.named_parameters() if "lora_B" in n).data.add_(0.01)
+    with pytest.raises(StaleIndexError, match=r"the adapter differs"):
+        load_index(tmp_path / "ix", model=other_adapter)
+    set_lora_scale(model, 0.5)
+    try:
+        with pytest.raises(StaleIndexError, match=r"at LoRA scale 1\b.*at LoRA scale 0.5.*rebuild the index"):
+            load_index(tmp_path / "ix", model=model)
+        with pytest.raises(StaleIndexError):
+            index.search_text(["a photo"], model, tok)
+    finally:
+        set_lora_scale(model, 1.0)
+    # the frozen base (scale 0) is the model without any adapter
+    base_index = build_index(embed(_tiny(lora=False)[0], _batches(), tokenizer=tok, progress=False))
+    set_lora_scale(model, 0.0)
+    try:
+        base_index.check_model(model)
+    finally:
+        set_lora_scale(model, 1.0)
+
+
+def test_search_text_and_image_agree_with_manual_embedding(tmp_path, tiny):
+    model, preprocess, tok = tiny
+    batches = _batches()
+    emb = embed(model, batches, tokenizer=tok, progress=False)
+    index = build_index(emb, tmp_path / "ix")
+    _, ids = index.search_text(["a photo of thing 4", "thing number 7"], model, tok, k=3)
+    ref = index.search(_encode(model, tok, ["a photo of thing 4", "thing number 7"]), 3)
+    np.testing.assert_array_equal(ids, ref[1])
+    s_img, ids_img = index.search_image(batches[0]["image"][:2], model, k=1)
+    assert ids_img[:, 0].tolist() == ["img000", "img001"]  # an image finds itself
+    np.testing.assert_allclose(s_img[:, 0], 1.0, atol=1e-5)
+    hits = query_index(tmp_path / "ix", (model, preprocess, tok), text="a photo of thing 4", k=3)
+    assert [h["id"] for h in hits[0]] == ids[0].tolist() and hits[0][0]["rank"] == 1
+
+
+def _encode(model, tok, texts):
+    with torch.no_grad():
+        return model.encode_text(tok(texts), normalize=True).numpy()
+
+
+def test_text_gallery_ids_and_dim_mismatch(tiny):
+    model, _, tok = tiny
+    emb = embed(model, _batches(n=5), tokenizer=tok, progress=False)
+    index = build_index(emb, modality="text")
+    assert index.ids[:3].tolist() == ["img000/0", "img000/1", "img001/0"]
+    with pytest.raises(ValueError, match="dimension 31 but .* 32-d"):
+        index.search(np.ones((1, 31), np.float32))
+
+
+def test_build_from_model_restores_scale_and_records_source(tmp_path, tiny):
+    model, preprocess, tok = tiny
+    index = build_index_from_model(model, _batches(), tmp_path / "ix", tokenizer=tok, preprocess=preprocess,
+                                   index_cfg=IndexConfig(lora_scale=0.5), progress=False)
+    assert index.manifest["lora_scale"] == 0.5 and "source" in index.manifest
+    assert model.mmft_lora["scale"] == 1.0
+    assert not (tmp_path / "ix" / "embeddings").exists()
+    with pytest.raises(StaleIndexError, match="LoRA scale"):
+        load_index(tmp_path / "ix", model=model)
+
+
+def test_broken_index_directories_give_clear_errors(tmp_path):
+    with pytest.raises(IndexLoadError, match="does not exist"):
+        load_index(tmp_path / "nope")
+    build_index(_unit(np.random.default_rng(0).standard_normal((20, 8))), tmp_path / "ix")
+    f = tmp_path / "ix" / "index.faiss"
+    size = f.stat().st_size
+    f.write_bytes(b"\0" * size)  # same size, garbage
+    with pytest.raises(IndexLoadError, match="not a readable FAISS index"):
+        load_index(tmp_path / "ix")
+    f.write_bytes(b"\0" * 10)
+    with pytest.raises(IndexLoadError, match="damaged or half-replaced"):
+        load_index(tmp_path / "ix")
+    (tmp_path / "ix" / "manifest.json").unlink()
+    with pytest.raises(IndexLoadError, match="manifest.json is missing"):
+        load_index(tmp_path / "ix")
+
+
+def test_factory_choice_and_bad_factory():
+    assert default_factory(10_000) == "Flat" and default_factory(200_000) == "Flat"
+    assert default_factory(1_000_000).startswith("IVF") and default_factory(1_000_000).endswith(",Flat")
+    assert default_factory(1_000_000, fp16=True).endswith(",SQfp16")
+    assert apply_fp16("Flat") == "SQfp16" and apply_fp16("IVF64,Flat") == "IVF64,SQfp16"
+    with pytest.raises(ValueError, match="FAISS cannot build factory 'Bogus12'"):
+        build_index(np.ones((4, 8), np.float32), index_cfg=IndexConfig(factory="Bogus12"))
+
+
+def test_fp16_index_stays_close_to_exact():
+    rng = np.random.default_rng(4)
+    g, q = _unit(rng.standard_normal((200, 24))), _unit(rng.standard_normal((9, 24)))
+    index = build_index(g, index_cfg=IndexConfig(fp16=True))
+    assert index.manifest["factory"] == "SQfp16" and index.manifest["dtype"] == "float16"
+    np.testing.assert_allclose(index.search(q, 5)[0], _brute_topk(q, g, 5)[0], atol=2e-3)
+
+
+def test_use_gpu_always_without_gpu_says_what_to_install():
+    import faiss
+
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        pytest.skip("a GPU is visible")
+    with pytest.raises(RuntimeError, match="faiss-gpu-cu12"):
+        build_index(np.ones((4, 8), np.float32), index_cfg=IndexConfig(use_gpu="always"))
+
+
+@pytest.mark.gpu
+def test_gpu_index_matches_cpu(tmp_path):
+    import faiss
+
+    if not (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0):
+        pytest.skip("FAISS sees no GPU")
+    rng = np.random.default_rng(5)
+    g, q = _unit(rng.standard_normal((5000, 64))), _unit(rng.standard_normal((50, 64)))
+    gpu = build_index(g, tmp_path / "ix", index_cfg=IndexConfig(factory="Flat", use_gpu="always"))
+    cpu = load_index(tmp_path / "ix", use_gpu="never")
+    np.testing.assert_allclose(gpu.search(q, 10)[0], cpu.search(q, 10)[0], atol=1e-4)
+
+
+def test_cli_path_build_from_run_then_query_by_text_and_image(tmp_path):
+    """`mmft index build` / `mmft index query`: a run directory in; queries load the recorded run at the
+    index's LoRA scale."""
+    import yaml
+    from PIL import Image
+
+    from mmft.adapter import save_adapter
+    from mmft.config import Config, to_dict
+    from mmft.index import build_index_from_run
+
+    torch.manual_seed(3)  # a base checkpoint file, so the run directory rebuilds the same base model
+    torch.save(create_model(ModelConfig(name="tiny-vit", model_cfg=TINY))[0].state_dict(), tmp_path / "base.pt")
+    mcfg = ModelConfig(name="tiny-vit", model_cfg=TINY, pretrained=str(tmp_path / "base.pt"))
+    model, _, preprocess, tok = create_model(mcfg)
+    apply_lora(model, LoraConfig())
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.3)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(Config(model=mcfg))))
+    save_adapter(model, run / "adapter-last")
+    pics = [Image.new("RGB", (40, 40), (30 * i, 200 - 30 * i, 90)) for i in range(6)]
+    batches = [{"image": torch.stack([preprocess(p) for p in pics]), "key": [f"pic{i}" for i in range(6)],
+                "captions": [[f"colour swatch {i}"] for i in range(6)], "group": None}]
+    index = build_index_from_run(run, batches, tmp_path / "ix", IndexConfig(lora_scale=0.5), progress=False)
+    assert index.manifest["source"]["run_dir"] == str(run.resolve()) and index.manifest["lora_scale"] == 0.5
+    hits = query_index(tmp_path / "ix", text="colour swatch 3", k=2)  # model from the manifest's run_dir
+    set_lora_scale(model, 0.5)
+    expect = index.search_text(["colour swatch 3"], model, tok, k=2)
+    assert [h["id"] for h in hits[0]] == expect[1][0].tolist()
+    np.testing.assert_allclose([h["score"] for h in hits[0]], expect[0][0], atol=1e-5)
+    pics[2].save(tmp_path / "q.png")
+    hits = query_index(tmp_path / "ix", run, image=str(tmp_path / "q.png"), k=1)
+    assert hits[0][0]["id"] == "pic2" and hits[0][0]["score"] == pytest.approx(1.0, abs=1e-4)
