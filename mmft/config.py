@@ -98,7 +98,7 @@ class TrainConfig:
     use_groups: bool = True  # mask same-group pairs out of the negatives when the data has groups
     log_every: int = 10
     val_every: int = 0  # steps between validations; 0 = only at the end
-    val_metric: str = "mean_r1"
+    val_metric: str = "mean"  # mean of R@1 and R@5, both directions (steadier than R@1 alone)
     early_stop_patience: int = 0  # validations without improvement before stopping; 0 = never
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only at validations and the end
     keep_checkpoints: int = 2

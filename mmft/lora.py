@@ -27,7 +27,7 @@ DEFAULT_TARGETS = {
     "open_clip_transformer": ["in_proj", "out_proj", "c_fc", "c_proj"],
     "timm_vit": ["qkv", "proj", "fc1", "fc2"],
     "hf_transformer": ["query", "key", "value", "attention.output.dense"],
-    "cnn": ["pointwise"],  # every 1x1 ungrouped convolution
+    "cnn": ["pointwise"],  # 1x1 ungrouped convolutions (the later half of them unless lora.*.layers is set)
 }
 
 
@@ -290,20 +290,29 @@ def _wrap(module: nn.Module, name: str, cfg: LoraTowerConfig, targets: list[str]
 
 def _adapt_body(body: nn.Module, cfg: LoraTowerConfig) -> list[str]:
     """Replace matching submodules of `body` with LoRA layers; return the adapted names."""
-    targets = cfg.targets or DEFAULT_TARGETS[body_kind(body)]
+    kind = body_kind(body)
+    targets = cfg.targets or DEFAULT_TARGETS[kind]
     layer_re = re.compile(cfg.layers) if cfg.layers else None
-    adapted = []
+    chosen = []
     for name, module in list(body.named_modules()):
         if not name or isinstance(module, LORA_LAYERS) or _inside_lora(body, name):
             continue
         if layer_re is not None and not layer_re.search(name):
             continue
+        if any(name.startswith(parent + ".") for parent, _ in chosen):
+            continue  # out_proj of an adapted nn.MultiheadAttention: its wrapper adapts it
         wrapped = _wrap(module, name, cfg, targets)
         if wrapped is not None:
-            parent_name, _, child = name.rpartition(".")
-            setattr(body.get_submodule(parent_name) if parent_name else body, child, wrapped)
-            adapted.append(name)
-    return adapted
+            chosen.append((name, wrapped))
+    if kind == "cnn" and not cfg.targets and not cfg.layers:
+        # Adapters in the high-resolution early stages make backward run through the whole trunk at
+        # full cost; by default a CNN adapts the later half of its pointwise convs (set lora.*.layers
+        # to reach the early stages, e.g. for small local defects).
+        chosen = chosen[len(chosen) // 2:]
+    for name, wrapped in chosen:
+        parent_name, _, child = name.rpartition(".")
+        setattr(body.get_submodule(parent_name) if parent_name else body, child, wrapped)
+    return [name for name, _ in chosen]
 
 
 def _inside_lora(body: nn.Module, name: str) -> bool:
@@ -396,7 +405,8 @@ def set_lora_scale(model: nn.Module, scale: float) -> None:
         state["full_tuned"] = {n: params[n].detach().clone() for n in state["full"]}
     for n in state["full"]:
         base, tuned = state["full_base"][n], state["full_tuned"][n]
-        params[n].copy_(base + scale * (tuned - base))
+        # exact endpoints: base + 1 * (tuned - base) is not bit-equal to tuned in floating point
+        params[n].copy_(tuned if scale == 1.0 else base if scale == 0.0 else base + scale * (tuned - base))
     if scale == 1.0:
         state["full_tuned"] = None
     state["scale"] = scale

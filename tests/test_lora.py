@@ -184,3 +184,25 @@ def test_lora_linear_and_conv_math():
     torch.testing.assert_close(conv(y), conv.base(y) + delta, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="1x1"):
         LoRAConv2d(nn.Conv2d(6, 4, 3), rank=2, alpha=2)
+
+
+def test_scale_round_trip_is_bit_exact(tiny_vit_cfg):
+    model, *_ = create_model(tiny_vit_cfg)
+    apply_lora(model, LoraConfig())
+    with torch.no_grad():
+        model.text_projection.add_(0.123456789 * torch.randn_like(model.text_projection))
+    tuned = model.text_projection.detach().clone()
+    for scale in (1.0, 0.37, 0.0, 1.0):
+        set_lora_scale(model, scale)
+    assert torch.equal(model.text_projection, tuned)
+
+
+def test_cnn_default_adapts_the_later_half():
+    model, *_ = create_model(ModelConfig(image_size=64))
+    _, trunk = tower_bodies(model)["image"]
+    pointwise = [n for n, m in trunk.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
+                 and m.groups == 1]
+    apply_lora(model, LoraConfig())
+    names = model.mmft_lora["adapted"]["image"]
+    assert names == [f"visual.trunk.{n}" for n in pointwise[len(pointwise) // 2:]]
+    assert not any(".blocks.0." in n or ".blocks.1." in n for n in names)

@@ -1,0 +1,69 @@
+"""The CLI in-process: each verb is one library call, errors are one sentence."""
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mmft.cli import main
+from conftest import TINY_VIT
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def test_vit_b32_config_stops_at_once_offline(tmp_path, capsys):
+    rc = main(["train", "--config", str(CONFIGS / "vit_b32_laion.yaml"), f"train.output_dir={tmp_path}/run"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "no network" in err and "local checkpoint file" in err and "Traceback" not in err
+
+
+def test_unknown_override_is_one_sentence(tmp_path, capsys):
+    rc = main(["train", "--config", str(CONFIGS / "domain_lora.yaml"), "train.lrr=1"])
+    assert rc == 2 and "unknown config key 'train.lrr'" in capsys.readouterr().err
+
+
+def _tiny_run(tmp_path) -> Path:
+    """A real (tiny) training run through `mmft train`, on shards written by `mmft shards`."""
+    from PIL import Image
+
+    from conftest import make_pairs
+
+    src = tmp_path / "images"
+    src.mkdir()
+    for i, (img, caption, _) in enumerate(make_pairs(48)):
+        img.save(src / f"{i:03d}.png")
+        (src / f"{i:03d}.txt").write_text(caption + "\n")
+    assert main(["shards", str(src), str(tmp_path / "shards"), "--splits", "train=0.75,test=0.25", "--quiet"]) == 0
+    torch.manual_seed(0)
+    from mmft.models import create_model
+    from mmft.config import ModelConfig
+
+    torch.save(create_model(ModelConfig(name="tiny-vit", model_cfg=TINY_VIT))[0].state_dict(), tmp_path / "base.pt")
+    cfg = {"model": {"name": "tiny-vit", "model_cfg": TINY_VIT, "pretrained": str(tmp_path / "base.pt")},
+           "data": {"train": [str(tmp_path / "shards" / "train-*.tar")], "batch_size": 8, "num_workers": 0},
+           "train": {"output_dir": str(tmp_path / "run"), "steps": 4, "loss_impl": "chunked"}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", "--config", str(tmp_path / "run.yaml")]) == 0
+    return tmp_path / "run"
+
+
+def test_train_export_index_query(tmp_path, capsys):
+    run = _tiny_run(tmp_path)
+    assert (run / "adapter-last" / "adapter_model.safetensors").is_file()
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "exp" / "tiny.pt"), "--lora-scale", "0.5"]) == 0
+    assert (tmp_path / "exp" / "tiny.pt").is_file() and (tmp_path / "exp" / "tiny.json").is_file()
+    test_shards = str(tmp_path / "shards" / "test-*.tar")
+    assert main(["index", "build", "--run", str(run), "--shards", test_shards, "--out", str(tmp_path / "idx")]) == 0
+    capsys.readouterr()
+    assert main(["index", "query", str(tmp_path / "idx"), "a red square", "-k", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "a red square" and len(out) == 4  # the query, then three hits
+    # an index built at another LoRA scale is refused for this run's model
+    assert main(["index", "build", "--run", str(run), "--shards", test_shards, "--out", str(tmp_path / "idx0"),
+                 "--lora-scale", "0.0"]) == 0
+    from mmft.adapter import load_model
+    from mmft.index import load_index
+
+    with pytest.raises(Exception, match="LoRA scale|scale"):
+        load_index(tmp_path / "idx0", model=load_model(run).model)

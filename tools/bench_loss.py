@@ -1,0 +1,197 @@
+"""Benchmark mmft's contrastive losses against open_clip's ClipLoss / SigLipLoss and the reference.
+
+Each configuration runs in its own subprocess, so one run's allocations cannot hide another's peak.
+Measured: forward + backward wall time, the CPU time of all threads (steadier than wall time on a
+shared machine), and the extra peak memory over what the inputs already hold
+(CPU: peak RSS from /proc/self/status after resetting it through /proc/self/clear_refs; CUDA:
+torch.cuda.max_memory_allocated minus the baseline). Prints a Markdown table.
+
+  python tools/bench_loss.py                      # CPU B in 4096..32768 (D=512 fp32) and CUDA if present
+  python tools/bench_loss.py --quick              # one small size per device
+  python tools/bench_loss.py --device cpu --batch-sizes 4096,16384 --skip-peers-above 16384
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_SIZES, CUDA_SIZES = (4096, 8192, 16384, 32768), (16384, 65536, 262144)
+PEER = {"infonce": "open_clip.ClipLoss", "sigmoid": "open_clip.SigLipLoss"}
+# Extra CPU bytes per logit (B^2) of the losses that materialise B x B, measured at B = 16384 fp32;
+# used to skip a configuration that would not fit in the memory available now (not to OOM the box).
+BYTES_PER_LOGIT = {("infonce", "open_clip"): 16.3, ("sigmoid", "open_clip"): 20.2,
+                   ("infonce", "reference"): 24.1, ("sigmoid", "reference"): 28.1}
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def _loss_fn(kind: str, impl: str):
+    import torch  # noqa: F401
+
+    if impl == "open_clip":
+        from open_clip.loss import ClipLoss, SigLipLoss
+
+        if kind == "infonce":
+            return lambda x, y, s, b: ClipLoss()(x, y, s)
+        return lambda x, y, s, b: SigLipLoss(rank=0, world_size=1)(x, y, s, b)
+    from mmft.loss import contrastive_loss, sigmoid_loss
+
+    fn = contrastive_loss if kind == "infonce" else sigmoid_loss
+    return lambda x, y, s, b: fn(x, y, s, b, impl=impl)
+
+
+def child(cfg: dict) -> dict:
+    """Run one configuration in this process and return its measurements."""
+    import torch
+
+    dev, dtype = cfg["device"], getattr(torch, cfg["dtype"])
+    torch.manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(cfg["B"], cfg["D"], device=dev), dim=-1)
+    y = torch.nn.functional.normalize(x + torch.randn_like(x), dim=-1)
+    x, y = x.to(dtype).requires_grad_(), y.to(dtype).requires_grad_()
+    s = torch.tensor(14.3, device=dev, requires_grad=True)
+    b = torch.tensor(-10.0, device=dev, requires_grad=True)
+    fn = _loss_fn(cfg["kind"], cfg["impl"])
+    cuda = dev == "cuda"
+
+    def once():
+        x.grad = y.grad = s.grad = b.grad = None
+        if cuda:
+            torch.cuda.synchronize()
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn(x, y, s, b).backward()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    # Library start-up (BLAS buffers, thread pools; Triton compile and autotune) is a one-time cost
+    # of the process, not of the loss: run once at a small batch before measuring.
+    small = [t[:256].detach().requires_grad_() for t in (x, y)]
+    fn(*small, s, b).backward()
+    if cuda:
+        once()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        exact = _reset_peak_rss()
+        base = _status_kb("VmRSS") * 1024
+    times = [once() for _ in range(cfg["repeat"])]
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - base
+    else:  # the first run's peak: later runs may reuse memory the allocator kept
+        peak = _status_kb("VmHWM") * 1024 - base if exact else float("nan")
+    wall, cpu = min(times)
+    return {"time_s": wall, "cpu_s": cpu, "peak_mb": peak / 2**20, "threads": torch.get_num_threads()}
+
+
+def _available_gb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return float("inf")
+
+
+def run_config(cfg: dict, timeout: float) -> dict:
+    per_logit = BYTES_PER_LOGIT.get((cfg["kind"], cfg["impl"])) if cfg["device"] == "cpu" else None
+    if per_logit:
+        need, free = per_logit * cfg["B"] ** 2 / 2**30, _available_gb()
+        if need > 0.85 * free:
+            return {"error": f"skipped: needs ~{need:.0f} GB, {free:.0f} GB free"}
+    cmd = [sys.executable, __file__, "--child", json.dumps(cfg)]
+    try:
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout {timeout:.0f}s"}
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        return {"error": "OOM" if "out of memory" in tail.lower() or proc.returncode == -9 else tail[:60]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def configs(args) -> list[dict]:
+    import torch
+
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    if "cuda" in devices and not torch.cuda.is_available():
+        devices.remove("cuda")
+    out = []
+    for dev in devices:
+        default = CPU_SIZES if dev == "cpu" else CUDA_SIZES
+        sizes = args.batch_sizes or (default[:1] if args.quick else default)
+        dims = args.dims or ((512,) if dev == "cpu" or args.quick else (512, 768))
+        impls = ["open_clip", "reference", "chunked"] + (["triton"] if dev == "cuda" else [])
+        impls = [i for i in impls if not args.impls or i in args.impls]
+        for kind in args.losses:
+            for d in dims:
+                for n in sizes:
+                    for impl in impls:
+                        if impl in ("open_clip", "reference") and args.skip_peers_above and n > args.skip_peers_above:
+                            continue
+                        out.append({"device": dev, "dtype": "float32" if dev == "cpu" else "bfloat16",
+                                    "kind": kind, "impl": impl, "B": n, "D": d, "repeat": args.repeat})
+    return out
+
+
+def table(rows: list[tuple[dict, dict]]) -> str:
+    peers = {(c["device"], c["kind"], c["B"], c["D"]): r for c, r in rows if c["impl"] == "open_clip"}
+    header = "| loss | device | dtype | B | D | impl | fwd+bwd (s) | CPU time (s) | extra peak (MB) | time vs peer |"
+    lines = [header, "|---|---|---|---:|---:|---|---:|---:|---:|---:|"]
+    for c, r in rows:
+        name = PEER[c["kind"]] if c["impl"] == "open_clip" else c["impl"]
+        if "error" in r:
+            lines.append(f"| {c['kind']} | {c['device']} | {c['dtype']} | {c['B']} | {c['D']} | {name} | "
+                         f"{r['error']} | | | |")
+            continue
+        peer = peers.get((c["device"], c["kind"], c["B"], c["D"]), {})
+        ratio = f"{r['time_s'] / peer['time_s']:.2f}x" if "time_s" in peer else ""
+        lines.append(f"| {c['kind']} | {c['device']} | {c['dtype']} | {c['B']} | {c['D']} | {name} | "
+                     f"{r['time_s']:.2f} | {r['cpu_s']:.1f} | {r['peak_mb']:.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    p.add_argument("--losses", type=lambda s: s.split(","), default=["infonce", "sigmoid"])
+    p.add_argument("--batch-sizes", type=lambda s: tuple(int(v) for v in s.split(",")))
+    p.add_argument("--dims", type=lambda s: tuple(int(v) for v in s.split(",")))
+    p.add_argument("--impls", type=lambda s: s.split(","),
+                   help="subset of open_clip,reference,chunked,triton (default: all that apply)")
+    p.add_argument("--quick", action="store_true", help="one small batch size per device")
+    p.add_argument("--skip-peers-above", type=int, default=0,
+                   help="skip open_clip and the reference above this batch size (they hold B x B)")
+    p.add_argument("--repeat", type=int, default=1, help="timed runs per configuration (min is kept)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    rows = []
+    for cfg in configs(args):
+        res = run_config(cfg, args.timeout)
+        rows.append((cfg, res))
+        print(json.dumps({**cfg, **res}), file=sys.stderr, flush=True)
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
