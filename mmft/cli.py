@@ -69,7 +69,7 @@ def cmd_index_query(args) -> int:
 
 
 def cmd_index_merge(args) -> int:
-    from .index import merge_index_parts
+    from .dist_index import merge_index_parts
 
     merge_index_parts(args.parts, args.out)
     print(f"merged index: {args.out}")
@@ -77,8 +77,8 @@ def cmd_index_merge(args) -> int:
 
 
 def cmd_embed(args) -> int:
+    from .dist_index import embed_run
     from .distributed import init_from_env
-    from .embed import embed_run
 
     init_from_env()
     embed_run(args.run, args.shards, args.out, lora_scale=args.lora_scale)

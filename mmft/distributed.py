@@ -23,6 +23,8 @@ def init_from_env() -> bool:
         return False
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend=backend)
+    if dist.get_rank() > 0:  # rank 0 speaks for the run; the others report only problems
+        logging.getLogger("mmft").setLevel(logging.WARNING)
     return dist.get_world_size() > 1
 
 
@@ -58,6 +60,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def mean_over_ranks(value: torch.Tensor) -> float:
+    """The mean of a scalar over all ranks (a float); the value itself when single-process."""
+    if rank_world()[1] <= 1:
+        return float(value)
+    t = value.detach().float().reshape(1).clone()
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
 def gather_objects(obj):
     """All ranks' copies of `obj` as a list (rank order); `obj` itself when single-process."""
     _, world = rank_world()
@@ -91,12 +102,14 @@ def check_resume_world(saved_world: int, saved_accum: int, world: int, tcfg) -> 
             f"{world} processes cannot keep that global batch (it needs accum_steps * world_size = {global_accum})"
         )
     new_accum = global_accum // world
+    tcfg.accum_steps = new_accum
+    if rank_world()[0] > 0:
+        return False
     warnings.warn(
         f"resuming a {saved_world}-process run on {world} processes: train.accum_steps {saved_accum} -> "
         f"{new_accum} keeps the global batch; the current epoch restarts in a different data order",
         stacklevel=2,
     )
-    tcfg.accum_steps = new_accum
     return False
 
 

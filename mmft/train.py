@@ -234,6 +234,12 @@ def train(cfg: Config, *, train_data: Iterable | None = None, val_data: Iterable
     loss_kind, loss_fn = pick_loss(model, tcfg)
     ddp_model = dist_utils.wrap_ddp(forward_model, device)
 
+    ckpt = Checkpointer(run_dir, tcfg.keep_checkpoints)
+    # Rank 0 reads the checkpoint and sends it to every rank, so all resume from the same one (even
+    # without a shared file system); a new world size changes accum_steps before the length is derived.
+    state = dist_utils.broadcast_object(ckpt.latest() if is_main else None) if tcfg.resume else None
+    if state is not None:
+        same_world = dist_utils.check_resume_world(state["world_size"], state["accum_steps"], world, tcfg)
     per_epoch = _num_batches(train_data, cfg)
     total_steps = tcfg.steps or (math.ceil(tcfg.epochs * per_epoch / tcfg.accum_steps) if per_epoch else 0)
     if total_steps <= 0:
@@ -241,14 +247,11 @@ def train(cfg: Config, *, train_data: Iterable | None = None, val_data: Iterable
     optimizer = torch.optim.AdamW(param_groups(model, tcfg), betas=tuple(tcfg.betas), eps=tcfg.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, tcfg.warmup_steps, tcfg.min_lr_ratio))
     scaler = torch.amp.GradScaler("cuda", enabled=tcfg.precision == "fp16" and device.type == "cuda")
-    ckpt = Checkpointer(run_dir, tcfg.keep_checkpoints)
 
     step, epoch, batch_in_epoch = 0, 0, 0
     best = {"score": -math.inf, "step": None, "metrics": None}
-    bad_vals = 0
-    state = ckpt.latest() if tcfg.resume else None
+    bad_vals, last_val = 0, None
     if state is not None:
-        same_world = dist_utils.check_resume_world(state["world_size"], state["accum_steps"], world, tcfg)
         params = dict(model.named_parameters())
         with torch.no_grad():
             for n, t in state["trainable"].items():
@@ -292,9 +295,12 @@ def train(cfg: Config, *, train_data: Iterable | None = None, val_data: Iterable
         train_mode(model)
         return bool(tcfg.early_stop_patience and bad_vals >= tcfg.early_stop_patience)
 
+    if step == 0 and tcfg.val_every:
+        validate()  # the starting point's score: the bar every later step must beat
+        last_val = 0
     progress = dist_utils.progress(total_steps, initial=step, enabled=is_main)
     train_mode(model)
-    samples, t_start, last_val = 0, time.perf_counter(), None
+    samples, t_start = 0, time.perf_counter()
     last_loss = float("nan")
     stop = step >= total_steps
     while not stop:
@@ -318,7 +324,7 @@ def train(cfg: Config, *, train_data: Iterable | None = None, val_data: Iterable
             micro = 0
             optimizer_step(model, optimizer, scheduler, scaler, tcfg.grad_clip)
             step += 1
-            last_loss = loss.item()
+            last_loss = dist_utils.mean_over_ranks(loss.detach())  # the global-batch loss
             elapsed = time.perf_counter() - t_start
             skipped = getattr(train_data, "stats", None)
             progress.update(1)
