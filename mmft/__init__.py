@@ -26,11 +26,11 @@ _EXPORTS = {
     "load_model": "adapter",
     "contrastive_loss": "loss",
     "sigmoid_loss": "loss",
-    "train": "train",
-    "embed": "embed",
+    "train": "trainer",
+    "embed": "embeddings",
     "build_index": "index",
     "load_index": "index",
-    "evaluate": "evaluate",
+    "evaluate": "evaluation",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -183,7 +183,7 @@ def load_model(run_dir: str | Path, *, adapter: str = "best", device: str | torc
 
     `adapter` is "best" (best validation checkpoint), "last", or a path to an adapter directory.
     """
-    from .train import RUN_CONFIG
+    from .trainer import RUN_CONFIG
 
     run_dir = Path(run_dir)
     cfg_path = run_dir / RUN_CONFIG

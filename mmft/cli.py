@@ -25,7 +25,7 @@ def _config(args):
 
 def cmd_train(args) -> int:
     from .distributed import init_from_env
-    from .train import train
+    from .trainer import train
 
     init_from_env()
     run = train(_config(args))
@@ -34,7 +34,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate_run
+    from .evaluation import evaluate_run
 
     cfg = _config(args)
     report = evaluate_run(args.run, cfg.eval, args.out, data_cfg=cfg.data if args.config else None)
@@ -44,6 +44,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_index_build(args) -> int:
+    from .distributed import init_from_env
     from .index import build_index_from_run
 
     cfg = _config(args)
@@ -51,6 +52,12 @@ def cmd_index_build(args) -> int:
         cfg.index.factory = args.factory
     if args.lora_scale is not None:
         cfg.index.lora_scale = args.lora_scale
+    if init_from_env():  # under torchrun: every rank embeds its share, rank 0 merges
+        from .dist_index import build_index_distributed
+
+        out = build_index_distributed(args.run, args.shards, args.out, cfg.index, data_cfg=cfg.data)
+        print(f"index: {out}")
+        return 0
     index = build_index_from_run(args.run, args.shards, args.out, cfg.index, data_cfg=cfg.data)
     print(f"index: {args.out or Path(args.run) / 'index'} ({index})")
     return 0
@@ -151,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_index_merge)
 
     sp = sub.add_parser("embed", help="embed a gallery into part files (one per rank under torchrun)")
-    sp.add_argument("--run", required=True)
+    # --run-dir: torchrun's own parser would take a bare --run for its --run-path
+    sp.add_argument("--run", "--run-dir", dest="run", required=True)
     sp.add_argument("--shards", required=True, nargs="+")
     sp.add_argument("--out", required=True)
     sp.add_argument("--lora-scale", type=float, default=1.0)

@@ -154,10 +154,12 @@ def plan_epoch(urls: list[str], sizes: list[int], *, seed: int, epoch: int, worl
     else:  # fewer shards than readers: everyone reads all shards and keeps every slots-th sample
         total, shuffled = sum(sizes), tuple(urls[i] for i in order)
         parts = [(shuffled, slots, s, len(range(s, total, slots))) for s in range(slots)]
-    counts = [[parts[r * workers + w][3] for w in range(workers)] for r in range(world_size)]
+    # slot s is (rank s % world_size, worker s // world_size): the least-loaded-slot dealing then
+    # alternates ranks, so ranks get equal shares and few samples are cut to keep them in step
+    counts = [[parts[w * world_size + r][3] for w in range(workers)] for r in range(world_size)]
     num_batches = min(sum(c) // batch_size for c in counts)
     readers = []
     for r in range(world_size):
         full, tails = _quotas(counts[r], batch_size, num_batches)
-        readers.append([Reader(*parts[r * workers + w][:3], full[w], tails[w]) for w in range(workers)])
+        readers.append([Reader(*parts[w * world_size + r][:3], full[w], tails[w]) for w in range(workers)])
     return readers, num_batches

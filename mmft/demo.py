@@ -56,7 +56,7 @@ def _say(msg: str) -> None:
 
 
 def _train_once(cfg: Config):
-    from .train import train
+    from .trainer import train
 
     run = Path(cfg.train.output_dir)
     if (run / "summary.json").is_file() and (run / "adapter-best").is_dir():
@@ -91,7 +91,7 @@ def run_demo(out_dir: str = RUNS_PREFIX, data_dir: str = DATA_PREFIX, configs_di
     """Run the whole demo; returns the evaluation report (also written to out_dir/report)."""
     from .adapter import export, load_model
     from .demo_data import build_demo_data
-    from .evaluate import EvalRow, evaluate
+    from .evaluation import EvalRow, evaluate
     from .index import build_index_from_run
 
     t0 = time.perf_counter()
@@ -125,7 +125,9 @@ def run_demo(out_dir: str = RUNS_PREFIX, data_dir: str = DATA_PREFIX, configs_di
     _say("6/6 evaluation: baseline vs head-only vs tuned, DOMAIN and GENERAL test, LoRA-scale sweep")
     tuned = load_model(tuned_run)
     head_model = load_model(head)
-    rows = [EvalRow("baseline", 0.0), EvalRow("head-only", 1.0, model=head_model.model), EvalRow("tuned", 1.0)]
+    last = load_model(tuned_run, adapter="last")  # what the adapters reached, whichever step validation kept
+    rows = [EvalRow("baseline", 0.0), EvalRow("head-only", 1.0, model=head_model.model),
+            EvalRow("LoRA last step", 1.0, model=last.model), EvalRow("tuned", 1.0)]
     sets = {"domain": lora_cfg.eval.domain, "general": lora_cfg.eval.general}
     report_dir = Path(out_dir) / "report"
     report = evaluate(tuned.model, sets, tokenizer=tuned.tokenizer, preprocess=tuned.preprocess,

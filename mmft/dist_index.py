@@ -100,9 +100,9 @@ def embed_run(run_dir: str | Path, shards, out_dir: str | Path, *, lora_scale: f
     from .adapter import load_model
     from .data import expand_specs
     from .data_stages import SkipStats
-    from .embed import embed
+    from .embeddings import embed
     from .lora import set_lora_scale
-    from .train import resolve_device
+    from .trainer import resolve_device
 
     rank, world = dist_utils.rank_world()
     specs = [str(shards)] if isinstance(shards, (str, Path)) else [str(s) for s in shards]
@@ -163,7 +163,7 @@ class _Parts:
     """All parts of one embed run, checked for completeness, with rows mapped to the canonical order."""
 
     def __init__(self, parts):
-        from .embed import Embeddings
+        from .embeddings import Embeddings
 
         dirs = _part_dirs(parts)
         self.info = [json.loads((d / PART_FILE).read_text()) for d in dirs]
@@ -285,7 +285,7 @@ def merge_index_parts(parts, out_dir: str | Path, index_cfg: IndexConfig | None 
         ondisk = 2 * n * dim * 4 > budget  # the joined vectors plus the index itself
     if ondisk:
         return _merge_ondisk(rows, Path(out_dir), cfg, factory, group.meta, modality, seed, extra, budget)
-    from .embed import Embeddings
+    from .embeddings import Embeddings
 
     vectors = np.empty((n, dim), np.float32)  # (N, D)
     for s in range(0, n, 65_536):

@@ -106,7 +106,7 @@ class Index:
 
     def check_model(self, model) -> None:
         """Raise StaleIndexError unless `model` embeds as the model this index was built with."""
-        from .embed import model_fingerprint
+        from .embeddings import model_fingerprint
 
         check_fingerprint(self.manifest, model_fingerprint(model), str(self.path or "memory"))
 
@@ -138,14 +138,14 @@ class Index:
 
     def search_text(self, texts: list[str] | str, model, tokenizer, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """Embed query texts with `model` (checked against the manifest) and search: (Q, k) scores and ids."""
-        from .embed import encode_texts
+        from .embeddings import encode_texts
 
         self.check_model(model)
         return self.search(encode_texts(model, tokenizer, [texts] if isinstance(texts, str) else list(texts)), k)
 
     def search_image(self, images, model, preprocess=None, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """Embed query images (tensor, PIL images or paths) with `model` (checked) and search."""
-        from .embed import encode_images
+        from .embeddings import encode_images
 
         self.check_model(model)
         return self.search(encode_images(model, images, preprocess=preprocess), k)
@@ -168,7 +168,7 @@ class Index:
 
 def _gallery(source, ids, modality: str | None) -> tuple[np.ndarray, np.ndarray, str, dict | None]:
     """(vectors (N, D), ids (N,), modality, fingerprint or None) from Embeddings or a plain array."""
-    from .embed import Embeddings
+    from .embeddings import Embeddings
 
     if isinstance(source, Embeddings):
         modality = modality or "image"
@@ -201,7 +201,7 @@ def build_index(source, out_dir: str | Path | None = None, *, ids=None, model=No
     index_cfg.fp16 stores float16; IVF/PQ train on index_cfg.train_sample rows; saved when out_dir is set.
     """
     from . import __version__
-    from .embed import model_fingerprint
+    from .embeddings import model_fingerprint
 
     cfg = index_cfg or IndexConfig()
     vectors, ids, modality, fp = _gallery(source, ids, modality)
@@ -271,7 +271,8 @@ def load_index(path: str | Path, model=None, *, use_gpu: str = "auto") -> Index:
     path = Path(path)
     manifest = _read_manifest(path)
     try:
-        index = faiss.read_index(str(path / INDEX_FILE))
+        # IO_FLAG_ONDISK_SAME_DIR: an on-disk merged index finds index.ivfdata beside it, wherever moved
+        index = faiss.read_index(str(path / INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
     except RuntimeError as e:
         reason = str(e).strip().splitlines()[-1][:120]
         raise IndexLoadError(f"{path / INDEX_FILE} is not a readable FAISS index ({reason}); rebuild it with "
@@ -288,7 +289,7 @@ def load_index(path: str | Path, model=None, *, use_gpu: str = "auto") -> Index:
     out = Index(index=index, ids=ids, manifest=manifest, path=path)
     if model is not None:
         out.check_model(model)
-    out.index = to_gpu(index, use_gpu)
+    out.index = index if manifest.get("ondisk") else to_gpu(index, use_gpu)  # on-disk lists stay on disk
     set_search_params(out.index, nprobe=manifest.get("nprobe"), ef_search=manifest.get("ef_search"))
     return out
 
@@ -307,7 +308,7 @@ def build_index_from_model(model, shards, out_dir: str | Path, *, tokenizer=None
     """
     import shutil
 
-    from .embed import embed
+    from .embeddings import embed
     from .lora import get_lora_scale, set_lora_scale
 
     cfg = index_cfg or IndexConfig()
@@ -360,7 +361,7 @@ def _model_for(index_dir: Path, manifest: dict, model):
                              "that built it")
     if isinstance(model, (str, Path)):
         from .adapter import load_model
-        from .embed import adapter_digest
+        from .embeddings import adapter_digest
         from .lora import set_lora_scale
 
         m, preprocess, tokenizer = load_model(model)

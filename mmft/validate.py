@@ -1,7 +1,7 @@
 """Validation during training: retrieval recall on a held-out split, computed plainly (full matrix).
 
 Validation splits are small (hundreds of images), so a full similarity matrix is fine here; the
-FAISS-based evaluation with confidence intervals lives in mmft.evaluate.
+FAISS-based evaluation with confidence intervals lives in mmft.evaluation.
 """
 from __future__ import annotations
 

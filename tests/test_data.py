@@ -259,6 +259,14 @@ def test_plan_covers_every_sample_once_with_equal_rank_lengths():
         assert len(seen) == len(set(seen)) == sum(sizes)
 
 
+def test_plan_balances_equal_shards_across_ranks():
+    """6 equal shards on 2 ranks x 2 workers: 3 shards a rank, nothing cut (rank-first dealing cut 1/3)."""
+    urls = [f"u{i}" for i in range(6)]
+    readers, nb = plan_epoch(urls, [10] * 6, seed=0, epoch=0, world_size=2, workers=2, batch_size=5)
+    assert [sum(len(r.urls) for r in rank) for rank in readers] == [3, 3]
+    assert nb == 6  # 30 samples per rank, batch 5: every sample used
+
+
 # ---------------------------------------------------------------- loaders
 
 

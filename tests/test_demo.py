@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -25,12 +24,15 @@ THINGS = {"animals": ["cat", "dog", "horse"], "food": ["apple", "bread", "cake"]
 
 
 def _write_svgs(root: Path) -> None:
-    rng = random.Random(0)
+    """One drawing per (colour, thing): the thing sets the shape's geometry, so no two images are equal."""
+    index = 0
     for category, things in THINGS.items():
         for thing in things:
+            index += 1
+            size, pos = 20 + 4 * index, 8 + 3 * (index % 5)
             for color, hex_ in COLORS.items():
-                shape, geom = rng.choice([("rect", 'x="20" y="20" width="60" height="60"'),
-                                          ("circle", 'cx="50" cy="50" r="35"')])
+                shape, geom = (("rect", f'x="{pos}" y="{pos}" width="{size}" height="{100 - 2 * pos}"') if index % 2
+                               else ("ellipse", f'cx="50" cy="50" rx="{size // 2 + 5}" ry="{45 - pos}"'))
                 path = root / category / f"{color}_{thing}.svg"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(SVG.format(title=f"{color.title()} {thing}", kw=thing, shape=shape,
@@ -53,10 +55,10 @@ def test_quick_demo_end_to_end(tmp_path):
     assert sorted(p.name for p in (out / "report").glob("*.png"))
     # report structure: three rows on both sets, deltas against the baseline, the sweep
     saved = json.loads((out / "report" / "report.json").read_text())
-    assert saved["rows"] == ["baseline", "head-only", "tuned"]
+    assert saved["rows"] == ["baseline", "head-only", "LoRA last step", "tuned"]
     for set_name in ("domain", "general"):
-        assert set(saved["metrics"][set_name]) == {"baseline", "head-only", "tuned"}
-        assert set(saved["deltas"][set_name]) == {"head-only", "tuned"}
+        assert set(saved["metrics"][set_name]) == {"baseline", "head-only", "LoRA last step", "tuned"}
+        assert set(saved["deltas"][set_name]) == {"head-only", "LoRA last step", "tuned"}
         for d in ("t2i", "i2t"):
             cell = saved["metrics"][set_name]["tuned"][d]["R@1"]
             assert cell["ci"][0] <= cell["value"] <= cell["ci"][1]

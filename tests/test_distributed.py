@@ -114,7 +114,7 @@ def train_rank(tmp: str) -> None:
     """One rank: the global-batch run on its slice of each batch, then one epoch over the shards."""
     from mmft import data as data_mod
     from mmft import distributed as du
-    train_mod = importlib.import_module("mmft.train")
+    train_mod = importlib.import_module("mmft.trainer")
 
     torch.set_num_threads(1)
     assert du.init_from_env()
@@ -162,7 +162,7 @@ def setup(tmp_path_factory, one_thread):
     paths = write_dataset(tmp / "shards", shards=4, per_shard=10)
     cfg = train_cfg(tmp / "run", base, 8, steps=2)
     model, _, preprocess, tok = create_model(cfg.model)
-    importlib.import_module("mmft.train").train(cfg, train_data=pair_batches(preprocess, tok, make_pairs(16), 8),
+    importlib.import_module("mmft.trainer").train(cfg, train_data=pair_batches(preprocess, tok, make_pairs(16), 8),
                                                 model=model)
     return {"base": base, "paths": paths, "shards": str(tmp / "shards" / "s-{00000..00003}.tar"),
             "run": tmp / "run", "preprocess": preprocess, "tok": tok}
@@ -171,7 +171,7 @@ def setup(tmp_path_factory, one_thread):
 def test_two_ranks_train_like_one_process_on_the_global_batch(setup, tmp_path):
     """Same gradients and parameters as one process on the concatenated batches; an epoch over shards
     gives every sample to exactly one rank."""
-    train_mod = importlib.import_module("mmft.train")
+    train_mod = importlib.import_module("mmft.trainer")
     base, paths = setup["base"], setup["paths"]
     pairs = make_pairs(WORLD * LOCAL_B * STEPS, seed=3)
     batches = pair_batches(setup["preprocess"], setup["tok"], pairs, WORLD * LOCAL_B, with_groups=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmft.config import IndexConfig, LoraConfig, ModelConfig
-from mmft.embed import embed
+from mmft.embeddings import embed
 from mmft.index import (
     IndexLoadError,
     StaleIndexError,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mmft import metrics as M
-from mmft.evaluate import direction_results
+from mmft.evaluation import direction_results
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -84,7 +84,7 @@ def child_open_clip(spec: dict) -> dict:
 def child_mmft(spec: dict) -> dict:
     clock = StepClock()
     from mmft.config import ModelConfig, load_config
-    from mmft.train import train
+    from mmft.trainer import train
 
     cfg = load_config(None, spec.get("mmft_set", []))  # the defaults, or a recipe variant to compare
     cfg.model = ModelConfig(name="mmft-mini", image_size=spec["image_size"], pretrained=spec["base"])

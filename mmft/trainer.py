@@ -30,7 +30,7 @@ from .lora import apply_lora, train_mode, trainable_summary
 from .models import create_model, uses_sigmoid_loss
 from .validate import retrieval_recall
 
-log = logging.getLogger("mmft.train")
+log = logging.getLogger("mmft.trainer")
 RUN_CONFIG = "config.yaml"
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmft.config import LoraConfig, ModelConfig
-from mmft.embed import Embeddings, EmbeddingsError, embed, encode_images, encode_texts, model_fingerprint
+from mmft.embeddings import Embeddings, EmbeddingsError, embed, encode_images, encode_texts, model_fingerprint
 from mmft.lora import apply_lora, set_lora_scale
 from mmft.models import create_model
 
@@ -151,7 +151,7 @@ def test_embed_real_shards_if_the_data_module_exists(tiny, tmp_path):
 
 def test_package_level_embed_works_after_the_submodule_is_imported(tiny):
     import mmft
-    import mmft.embed  # binds the package attribute `mmft.embed` to the module
+    import mmft.embeddings  # the module has its own name, so `mmft.embed` stays the function
 
     model, _, tok = tiny
     emb = mmft.embed(model, _batches(n=3), tokenizer=tok, progress=False)

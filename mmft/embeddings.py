@@ -14,9 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import sys
 import time
-import types
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -358,14 +356,3 @@ def _progress(batches, progress: bool):
     from tqdm.auto import tqdm
 
     return _CountImages(batches, tqdm(desc="embed", unit="img", total=None))
-
-
-class _CallableModule(types.ModuleType):
-    """`mmft.embed` names both this module and its main function: importing the submodule rebinds the
-    package attribute to the module, so the module forwards calls to keep `mmft.embed(...)` working."""
-
-    def __call__(self, *args, **kwargs):
-        return embed(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

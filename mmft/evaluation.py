@@ -11,9 +11,7 @@ unless eval_cfg.factory says otherwise); ranks are exact and need O(N * k) memor
 """
 from __future__ import annotations
 
-import sys
 import time
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,7 +143,7 @@ class _Embedder:
                                  "batches or a zero-argument callable, since each row embeds it again")
 
     def __call__(self, set_name: str, model, tokenizer, preprocess, scale: float | None):
-        from .embed import embed
+        from .embeddings import embed
         from .lora import get_lora_scale, set_lora_scale
 
         key = (set_name, id(model), scale)
@@ -231,7 +229,7 @@ def evaluate(model, sets: dict[str, Any], *, tokenizer=None, preprocess=None, ev
     (mmft.report); `info` is added to the report as is.
     """
     from . import __version__
-    from .embed import model_fingerprint
+    from .embeddings import model_fingerprint
 
     cfg = eval_cfg or EvalConfig()
     if not sets:
@@ -272,7 +270,7 @@ def evaluate(model, sets: dict[str, Any], *, tokenizer=None, preprocess=None, ev
 def _run_data_config(run_dir: Path):
     """The data section of the run's saved config (caption/group fields), or the defaults."""
     from .config import ConfigError, DataConfig, load_config
-    from .train import RUN_CONFIG
+    from .trainer import RUN_CONFIG
 
     if (run_dir / RUN_CONFIG).is_file():
         try:
@@ -302,14 +300,3 @@ def evaluate_run(run_dir: str | Path, eval_cfg: EvalConfig | None = None, out_di
                       out_dir=Path(out_dir) if out_dir is not None else run_dir / "eval", seed=seed,
                       progress=progress, info={"run_dir": str(run_dir)})
     return report
-
-
-class _CallableModule(types.ModuleType):
-    """`mmft.evaluate` names both this module and its main function: importing the submodule rebinds the
-    package attribute to the module, so the module forwards calls to keep `mmft.evaluate(...)` working."""
-
-    def __call__(self, *args, **kwargs):
-        return evaluate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -12,7 +12,7 @@ import torch
 
 from mmft.config import Config, LoraConfig, ModelConfig, TrainConfig
 from mmft.models import create_model
-from mmft.train import train
+from mmft.trainer import train
 from mmft.validate import retrieval_recall
 from conftest import TINY_VIT, eval_batches, make_pairs, pair_batches
 
@@ -75,7 +75,7 @@ def test_resume_reaches_the_same_parameters(tmp_path):
     part = _cfg(tmp_path / "b", steps=12, checkpoint_every=4)
     m1, tok1, b1, _ = _data(part, n=48)
     # first run: dies right after writing its step-8 checkpoint
-    from mmft import train as train_mod
+    from mmft import trainer as train_mod
 
     class Stop(Exception):
         pass
@@ -152,8 +152,8 @@ def test_killed_process_resumes_from_its_checkpoint(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(f"""
 import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
-from test_train import _cfg, _data
-from mmft.train import train
+from test_trainer import _cfg, _data
+from mmft.trainer import train
 from pathlib import Path
 cfg = _cfg(Path({str(tmp_path)!r}), steps=400, checkpoint_every=2, keep_checkpoints=2)
 model, tok, batches, _ = _data(cfg, n=32)
@@ -172,7 +172,7 @@ train(cfg, train_data=batches, model=model, tokenizer=tok)
     assert saved, "no checkpoint before the kill"
     step_at_kill = torch.load(saved[-1], weights_only=False)["step"]
     assert 0 < step_at_kill < 400
-    from test_train import _cfg as cfg_fn
+    from test_trainer import _cfg as cfg_fn
 
     cfg = cfg_fn(tmp_path, steps=step_at_kill + 4, checkpoint_every=2)
     model, tok, batches, _ = _data(cfg, n=32)
@@ -201,3 +201,16 @@ def test_load_model_returns_the_trained_model(tmp_path):
         a, b = model(x, t), loaded.model(x, t)
     assert torch.equal(a["image_features"], b["image_features"]) and torch.equal(a["text_features"], b["text_features"])
     assert (run / "adapter-best" / "adapter_config.json").is_file()
+
+
+def test_package_level_api_is_the_functions():
+    import mmft
+    import mmft.adapter  # importing modules must not shadow the public functions of the same pipeline stage
+    import mmft.embeddings
+    import mmft.evaluation
+    import mmft.trainer
+
+    assert mmft.train is mmft.trainer.train and mmft.embed is mmft.embeddings.embed
+    assert mmft.evaluate is mmft.evaluation.evaluate
+    assert set(mmft.__all__) >= {"load_config", "create_model", "apply_lora", "merge_lora", "save_adapter",
+                                 "load_adapter", "export", "contrastive_loss", "train", "load_model"}
