@@ -22,10 +22,9 @@ from mmft.index import (
 )
 from mmft.lora import apply_lora, set_lora_scale
 from mmft.models import create_model
+from conftest import TINY_VIT
 
-TINY = {"embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+TINY = TINY_VIT  # the shared tiny open_clip config (conftest.py)
 
 
 def _unit(x):
