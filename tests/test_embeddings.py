@@ -4,12 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_VIT
 
 from mmft.config import LoraConfig, ModelConfig
 from mmft.embeddings import Embeddings, EmbeddingsError, embed, encode_images, encode_texts, model_fingerprint
 from mmft.lora import apply_lora, set_lora_scale
 from mmft.models import create_model
-from conftest import TINY_VIT
 
 TINY = TINY_VIT  # the shared tiny open_clip config (conftest.py)
 

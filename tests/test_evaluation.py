@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import TINY_VIT
 
 from mmft.config import Config, EvalConfig, LoraConfig, ModelConfig, to_dict
 from mmft.embeddings import Embeddings, embed
@@ -21,7 +22,6 @@ from mmft.evaluation import (
 )
 from mmft.lora import apply_lora, get_lora_scale
 from mmft.models import create_model
-from conftest import TINY_VIT
 from mmft.report import markdown
 
 TINY = TINY_VIT  # the shared tiny open_clip config (conftest.py)

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_VIT
 
 from mmft.config import IndexConfig, LoraConfig, ModelConfig
 from mmft.embeddings import embed
@@ -22,7 +23,6 @@ from mmft.index import (
 )
 from mmft.lora import apply_lora, set_lora_scale
 from mmft.models import create_model
-from conftest import TINY_VIT
 
 TINY = TINY_VIT  # the shared tiny open_clip config (conftest.py)
 
