@@ -91,18 +91,12 @@ def _write_manifest(out_dir: Path, emb: Embeddings) -> None:
 # ---------------------------------------------------------------- model fingerprint
 
 
-def adapter_digest(model: torch.nn.Module) -> str | None:
-    """sha256 over the adapter tensors (LoRA A/B and fully trained parameters at scale 1), None without one."""
-    from .adapter import adapter_digest as digest
-
-    return digest(model)
-
-
 def model_fingerprint(model: torch.nn.Module) -> dict:
     """What decides a model's embeddings: base identity, adapter sha256 and LoRA scale.
 
     At LoRA scale 0 the model is exactly its base, so the adapter is recorded as None there.
     """
+    from .adapter import adapter_digest
     from .lora import get_lora_scale
 
     ident = getattr(model, "mmft_identity", None)

@@ -360,8 +360,7 @@ def _model_for(index_dir: Path, manifest: dict, model):
             raise ValueError(f"index in {index_dir} records no run directory: pass the run directory or model "
                              "that built it")
     if isinstance(model, (str, Path)):
-        from .adapter import load_model
-        from .embeddings import adapter_digest
+        from .adapter import adapter_digest, load_model
         from .lora import set_lora_scale
 
         m, preprocess, tokenizer = load_model(model)

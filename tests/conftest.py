@@ -100,3 +100,31 @@ def eval_batches(preprocess, pairs, batch_size: int = 16):
                     "captions": [[p[1]] for p in chunk], "key": [str(s + i) for i in range(len(chunk))],
                     "group": [p[2] for p in chunk]})
     return out
+
+
+def adapted_run_dir(tmp_path, seed: int):
+    """A run directory (config.yaml + adapter-last) holding a tiny tuned model, without training.
+
+    The base is saved to a checkpoint file so that load_model rebuilds the same base. Returns
+    (run_dir, model, preprocess_val, tokenizer).
+    """
+    import yaml
+
+    from mmft.adapter import save_adapter
+    from mmft.config import Config, LoraConfig, ModelConfig, to_dict
+    from mmft.lora import apply_lora
+    from mmft.models import create_model
+
+    torch.manual_seed(seed)
+    torch.save(create_model(ModelConfig(name="tiny-vit", model_cfg=TINY_VIT))[0].state_dict(), tmp_path / "base.pt")
+    mcfg = ModelConfig(name="tiny-vit", model_cfg=TINY_VIT, pretrained=str(tmp_path / "base.pt"))
+    model, _, preprocess, tok = create_model(mcfg)
+    apply_lora(model, LoraConfig())
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.3)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(Config(model=mcfg)), sort_keys=False))
+    save_adapter(model, run / "adapter-last")
+    return run, model, preprocess, tok

@@ -7,10 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
-import yaml
-from conftest import TINY_VIT
+from conftest import TINY_VIT, adapted_run_dir
 
-from mmft.config import Config, EvalConfig, LoraConfig, ModelConfig, to_dict
+from mmft.config import EvalConfig, LoraConfig, ModelConfig
 from mmft.embeddings import Embeddings, embed
 from mmft.evaluation import (
     EvalRow,
@@ -169,21 +168,9 @@ def test_evaluate_run_on_real_shards(tmp_path):
     pytest.importorskip("mmft.data")
     from PIL import Image
 
-    from mmft.adapter import save_adapter
     from mmft.shards import make_shards
 
-    torch.manual_seed(5)  # a base checkpoint file, so the run directory rebuilds the same base model
-    torch.save(create_model(ModelConfig(name="tiny-vit", model_cfg=TINY))[0].state_dict(), tmp_path / "base.pt")
-    mcfg = ModelConfig(name="tiny-vit", model_cfg=TINY, pretrained=str(tmp_path / "base.pt"))
-    model, _, preprocess, tok = create_model(mcfg)
-    apply_lora(model, LoraConfig())
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            p.data.normal_(0, 0.3)
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(Config(model=mcfg)), sort_keys=False))
-    save_adapter(model, run / "adapter-last")
+    run, model, preprocess, tok = adapted_run_dir(tmp_path, seed=5)
     src = tmp_path / "src"
     src.mkdir()
     for i in range(12):

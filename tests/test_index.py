@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_VIT
+from conftest import TINY_VIT, adapted_run_dir
 
 from mmft.config import IndexConfig, LoraConfig, ModelConfig
 from mmft.embeddings import embed
@@ -236,25 +236,11 @@ def test_gpu_index_matches_cpu(tmp_path):
 def test_cli_path_build_from_run_then_query_by_text_and_image(tmp_path):
     """`mmft index build` / `mmft index query`: a run directory in; queries load the recorded run at the
     index's LoRA scale."""
-    import yaml
     from PIL import Image
 
-    from mmft.adapter import save_adapter
-    from mmft.config import Config, to_dict
     from mmft.index import build_index_from_run
 
-    torch.manual_seed(3)  # a base checkpoint file, so the run directory rebuilds the same base model
-    torch.save(create_model(ModelConfig(name="tiny-vit", model_cfg=TINY))[0].state_dict(), tmp_path / "base.pt")
-    mcfg = ModelConfig(name="tiny-vit", model_cfg=TINY, pretrained=str(tmp_path / "base.pt"))
-    model, _, preprocess, tok = create_model(mcfg)
-    apply_lora(model, LoraConfig())
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            p.data.normal_(0, 0.3)
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(Config(model=mcfg))))
-    save_adapter(model, run / "adapter-last")
+    run, model, preprocess, tok = adapted_run_dir(tmp_path, seed=3)
     pics = [Image.new("RGB", (40, 40), (30 * i, 200 - 30 * i, 90)) for i in range(6)]
     batches = [{"image": torch.stack([preprocess(p) for p in pics]), "key": [f"pic{i}" for i in range(6)],
                 "captions": [[f"colour swatch {i}"] for i in range(6)], "group": None}]
