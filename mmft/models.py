@@ -7,12 +7,14 @@ Every model carries `model.mmft_identity`, the base-model identity that adapters
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import importlib.resources
 import json
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import urllib.parse
@@ -75,8 +77,16 @@ def register_model_config(name: str, cfg: dict) -> None:
     global _REGISTRY_DIR
     if _REGISTRY_DIR is None:
         _REGISTRY_DIR = Path(tempfile.mkdtemp(prefix="mmft-model-configs-"))
+        atexit.register(_remove_registry_dir, _REGISTRY_DIR, os.getpid())
     (_REGISTRY_DIR / f"{name}.json").write_text(json.dumps(cfg, indent=2))
     open_clip.add_model_config(_REGISTRY_DIR)
+
+
+def _remove_registry_dir(path: Path, owner_pid: int) -> None:
+    # open_clip rescans every registered folder on each add_model_config, so the folder lives until exit;
+    # forked workers inherit the handler but the folder belongs to the process that made it.
+    if os.getpid() == owner_pid:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _cached_sha256(path: str) -> str:

@@ -1,3 +1,7 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -101,3 +105,18 @@ def test_bad_names_are_refused():
         create_model(ModelConfig(name="ViT-Z-99"))
     with pytest.raises(ModelLoadError, match="neither a file nor a known tag"):
         create_model(ModelConfig(name="ViT-B-32", pretrained="/no/such/file.pt"))
+
+
+def test_model_config_folder_is_removed_at_exit(tmp_path):
+    # Registering a custom architecture writes a JSON config for open_clip; the folder must not outlive
+    # the process (one leaked folder per training or eval run adds up).
+    script = (
+        "import sys, mmft.models as m\n"
+        "m.register_model_config('mmft-exit-check', {'embed_dim': 8})\n"
+        "print(m._REGISTRY_DIR)\n"
+        "assert (m._REGISTRY_DIR / 'mmft-exit-check.json').is_file()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    folder = Path(out.stdout.strip())
+    assert folder.name.startswith("mmft-model-configs-")
+    assert not folder.exists()
