@@ -26,6 +26,7 @@ DIRECTIONS = ("t2i", "i2t")
 SWEEP_SCORE = (("t2i", "R@1"), ("t2i", "R@5"), ("i2t", "R@1"), ("i2t", "R@5"))
 # ... while GENERAL R@5 loses at most eval_cfg.max_general_drop points in each direction.
 SWEEP_GUARD = "R@5"
+MAX_GROUPS_SHOWN = 20  # per-group recall is reported for class-like groups only
 
 
 @dataclass
@@ -65,7 +66,7 @@ def direction_results(queries: np.ndarray, gallery: np.ndarray, q_labels: np.nda
     miss = np.flatnonzero(exact["first"] < 0)
     if len(miss):  # beyond the top k: count the items scoring higher (O(block) memory)
         rank[miss] = M.exact_first_ranks(queries[miss], gallery, q_labels[miss], g_labels)
-    out = {"hits": exact["hits"], "ap10": exact["ap10"], "rank": rank, "gallery": len(gallery)}
+    out = {"hits": exact["hits"], "ap10": exact["ap10"], "rank": rank, "gallery": len(gallery), "labels": q_labels}
     if factory != "Flat":
         approx = M.search_metrics(_search_rows(gallery, queries, k, factory), q_labels, g_labels, ks)
         out.update(hits=approx["hits"], ap10=approx["ap10"], exact_hits=exact["hits"], exact_ap10=exact["ap10"])
@@ -81,7 +82,21 @@ def retrieval_results(emb, ks: list[int], factory: str = "Flat", relevance: str 
     out = {"t2i": direction_results(text, image, *labels["t2i"], ks, factory),
            "i2t": direction_results(image, text, *labels["i2t"], ks, factory)}
     out["relevance"] = relevance
+    if relevance == "group":
+        out["group_names"] = [str(g) for g in np.unique(np.asarray([str(g) for g in emb.groups]))]
     return out
+
+
+def per_group_recall(res: dict, k: int = 1) -> dict[str, dict] | None:
+    """Image->text R@k per group (with class captions: per-class accuracy), or None when there are no
+    groups or more than MAX_GROUPS_SHOWN of them (near-duplicate groups are not classes)."""
+    names = res.get("group_names")
+    if not names or len(names) > MAX_GROUPS_SHOWN:
+        return None
+    d = res["i2t"]
+    hits, labels = d["hits"][k], d["labels"]
+    return {name: {"queries": int((labels == i).sum()), f"R@{k}": 100.0 * float(hits[labels == i].mean())}
+            for i, name in enumerate(names) if (labels == i).any()}
 
 
 def metric_vectors(res: dict, exact: bool = False) -> dict[str, np.ndarray]:
@@ -210,6 +225,13 @@ def lora_sweep(model, tokenizer, preprocess, embedder: _Embedder, cfg: EvalConfi
     return {"points": points, "recommended_lora_scale": best, "rule": rule}
 
 
+def recommended_rows(rows: list[EvalRow], scale: float) -> list[EvalRow]:
+    """The row at the recommended LoRA scale, unless a row of the evaluated model already has that scale."""
+    if any(r.model is None and r.lora_scale is not None and abs(r.lora_scale - scale) < 1e-9 for r in rows):
+        return []
+    return [EvalRow(f"tuned @ scale {scale:g}", scale)]
+
+
 def _set_info(emb, res: dict) -> dict:
     return {"images": len(emb.keys), "captions": len(emb.captions), "relevance": res["relevance"]}
 
@@ -223,7 +245,8 @@ def evaluate(model, sets: dict[str, Any], *, tokenizer=None, preprocess=None, ev
     sets: {name: shard specs | list of batches | zero-arg callable}; "domain" is the set the sweep
     maximises and "general" the set whose R@5 may drop at most eval_cfg.max_general_drop points.
     rows: EvalRow(name, lora_scale, model=None -> `model`); deltas are each row minus the first.
-    sweep: run the LoRA-scale sweep over eval_cfg.lora_scales (default: when `model` has an adapter).
+    sweep: run the LoRA-scale sweep over eval_cfg.lora_scales (default: when `model` has an adapter);
+    the model at the recommended scale then gets its own row ("tuned @ scale a") unless a row has that scale.
     relevance: "auto" (group when every image has a group id, else instance), "instance", "group",
     or a dict per set name. With out_dir, writes report.json, report.md and PNG plots there
     (mmft.report); `info` is added to the report as is.
@@ -242,23 +265,29 @@ def evaluate(model, sets: dict[str, Any], *, tokenizer=None, preprocess=None, ev
     if do_sweep and "domain" not in sets:
         raise ValueError("the LoRA-scale sweep needs a set named 'domain'; name one so or pass sweep=False")
     embedder = _Embedder(sets, data_cfg, cfg.batch_size, progress)
+    sweep_report = lora_sweep(model, tokenizer, preprocess, embedder, cfg, relevance) if do_sweep else None
+    if sweep_report is not None:
+        rows = rows + recommended_rows(rows, sweep_report["recommended_lora_scale"])
     report: dict = {"mmft_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(info or {}),
                     "config": {"ks": list(cfg.ks), "bootstrap": cfg.bootstrap, "factory": cfg.factory,
                                "seed": seed, "ci_level": 0.95, "relevance": relevance,
                                "lora_scales": list(cfg.lora_scales), "max_general_drop": cfg.max_general_drop},
                     "model": model_fingerprint(model), "rows": [r.name for r in rows], "sets": {}, "metrics": {},
-                    "deltas": {}, "approximate": {}}
+                    "deltas": {}, "approximate": {}, "per_group": {}}
     for set_name in sets:
         results = {}
         for row in rows:
             m = row.model if row.model is not None else model
             emb = embedder(set_name, m, row.tokenizer or tokenizer, row.preprocess or preprocess, row.lora_scale)
             results[row.name] = retrieval_results(emb, cfg.ks, cfg.factory, _relevance_for(relevance, set_name))
+            groups = per_group_recall(results[row.name])
+            if groups is not None:
+                report["per_group"].setdefault(set_name, {})[row.name] = groups
             if cfg.factory != "Flat":
                 report["approximate"].setdefault(set_name, {})[row.name] = approximate_loss(results[row.name])
         report["sets"][set_name] = _set_info(emb, results[rows[-1].name])
         report["metrics"][set_name], report["deltas"][set_name] = summarize_rows(results, cfg.bootstrap, seed)
-    report["sweep"] = lora_sweep(model, tokenizer, preprocess, embedder, cfg, relevance) if do_sweep else None
+    report["sweep"] = sweep_report
     report["seconds"] = round(time.time() - start, 2)
     if out_dir is not None:
         from .report import write_report

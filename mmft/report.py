@@ -51,6 +51,17 @@ def metrics_table(report: dict, set_name: str) -> list[str]:
     return lines
 
 
+def per_group_table(per_group: dict) -> list[str]:
+    """Markdown rows: image->text R@1 of each model row per group (with class captions, per-class accuracy)."""
+    groups = list(dict.fromkeys(g for row in per_group.values() for g in row))
+    first = next(iter(per_group.values()))
+    head = [f"{g} ({first[g]['queries']})" if g in first else g for g in groups]
+    lines = ["| row | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for name, row in per_group.items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[g]['R@1']:.1f}" if g in row else "" for g in groups) + " |")
+    return lines
+
+
 def sweep_table(sweep: dict) -> list[str]:
     has_general = any(p.get("general") for p in sweep["points"])
     head = ["LoRA scale", "domain t2i R@1", "domain t2i R@5", "domain i2t R@1", "domain i2t R@5", "domain score"]
@@ -95,6 +106,10 @@ def markdown(report: dict, plots: list[str]) -> str:
         title = (f"## {set_name}: {info['images']} images, {info['captions']} captions "
                  f"({info['relevance']} relevance)")
         out += [title, ""] + metrics_table(report, set_name) + [""]
+        per_group = report.get("per_group", {}).get(set_name)
+        if per_group:
+            out += ["Image→text R@1 per group (queries in brackets); with class captions this is per-class "
+                    "accuracy:", ""] + per_group_table(per_group) + [""]
     sweep = report.get("sweep")
     if sweep:
         note = "The fine-tuning delta scaled by each factor (0 = frozen base, 1 = tuned), no retraining."

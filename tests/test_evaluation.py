@@ -88,6 +88,25 @@ def test_end_to_end_report_with_baseline_tuned_deltas_and_sweep(tuned, tmp_path)
     assert get_lora_scale(model) == 1.0
 
 
+def test_recommended_scale_gets_its_own_row(tuned, monkeypatch):
+    import mmft.evaluation as E
+
+    model, _, _, tok = tuned
+    monkeypatch.setattr(E, "recommend_scale", lambda points, drop: (0.5, "forced for the test"))
+    cfg = EvalConfig(bootstrap=50, lora_scales=[0.5, 1.0])
+    report = evaluate(model, {"domain": _batches(30, 0)}, tokenizer=tok, eval_cfg=cfg, progress=False)
+    assert report["rows"] == ["baseline", "tuned", "tuned @ scale 0.5"]
+    row = report["metrics"]["domain"]["tuned @ scale 0.5"]
+    half = {p["lora_scale"]: p for p in report["sweep"]["points"]}[0.5]["domain"]
+    for d in ("t2i", "i2t"):
+        assert row[d]["R@1"]["value"] == pytest.approx(half[d]["R@1"])
+        assert row[d]["R@5"]["value"] == pytest.approx(half[d]["R@5"])
+    assert "tuned @ scale 0.5" in report["deltas"]["domain"]
+    # a row that already sits at the recommended scale is not repeated
+    assert E.recommended_rows([E.EvalRow("baseline", 0.0), E.EvalRow("tuned", 1.0)], 1.0) == []
+    assert E.recommended_rows([E.EvalRow("other", 1.0, model=object())], 1.0)[0].lora_scale == 1.0
+
+
 def test_recommend_scale_rule():
     def point(a, dom, gen_t2i, gen_i2t):
         r = {"R@1": dom, "R@5": dom}
@@ -117,6 +136,16 @@ def test_named_rows_and_group_relevance(tuned):
     assert report["sweep"] is None
     # three classes, ~8 images each: class-level R@10 is far above an instance-level one
     assert frozen["t2i"]["R@10"]["value"] > 90
+    # per-class image->text R@1, checked against a plain loop over the embeddings
+    emb = embed(base, _batches(24, 2, groups=True), tokenizer=tok, progress=False)
+    per = report["per_group"]["domain"]["other-model"]
+    assert sorted(per) == ["class0", "class1", "class2"] and sum(v["queries"] for v in per.values()) == 24
+    text_group = [emb.groups[i] for i in emb.caption_image]
+    for cls, v in per.items():
+        mine = [i for i, g in enumerate(emb.groups) if g == cls]
+        hit = [text_group[int(np.argmax(emb.text @ emb.image[i]))] == cls for i in mine]
+        assert v["R@1"] == pytest.approx(100.0 * np.mean(hit))
+    assert "R@1 per group" in markdown(report, []) and "| frozen |" in markdown(report, [])
 
 
 def test_approximate_factory_reports_recall_lost():
