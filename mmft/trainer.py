@@ -172,9 +172,34 @@ def _num_batches(data, cfg: Config) -> int | None:
         return n or None
 
 
-def _log_line(run_dir: Path, record: dict) -> None:
-    with open(run_dir / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+class RunLog:
+    """log.jsonl of a run (one JSON record per line), mirrored to TensorBoard when train.tensorboard is set.
+
+    Numeric fields of a record become scalars named "<event>/<field>" at the record's step.
+    """
+
+    def __init__(self, run_dir: Path, tensorboard: bool = False):
+        self.path, self.writer = run_dir / "log.jsonl", None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ImportError("train.tensorboard=true needs the tensorboard package: "
+                                  "pip install 'mmft[tensorboard]' (or set train.tensorboard=false)") from e
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key not in ("event", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(f"{record['event']}/{key}", value, record["step"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def _build_data(cfg: Config, model, preprocess_train, preprocess_val, tokenizer, device, train_data, val_data):
@@ -235,6 +260,7 @@ def train(cfg: Config, *, train_data: Iterable | None = None, val_data: Iterable
     ddp_model = dist_utils.wrap_ddp(forward_model, device)
 
     ckpt = Checkpointer(run_dir, tcfg.keep_checkpoints)
+    run_log = RunLog(run_dir, tcfg.tensorboard) if is_main else None
     # Rank 0 reads the checkpoint and sends it to every rank, so all resume from the same one (even
     # without a shared file system); a new world size changes accum_steps before the length is derived.
     state = dist_utils.broadcast_object(ckpt.latest() if is_main else None) if tcfg.resume else None
@@ -291,7 +317,7 @@ def train(cfg: Config, *, train_data: Iterable | None = None, val_data: Iterable
         else:
             bad_vals += 1
         if is_main:
-            _log_line(run_dir, {"event": "val", "step": step, **metrics, "best": improved})
+            run_log.write({"event": "val", "step": step, **metrics, "best": improved})
         train_mode(model)
         return bool(tcfg.early_stop_patience and bad_vals >= tcfg.early_stop_patience)
 
@@ -331,7 +357,7 @@ def train(cfg: Config, *, train_data: Iterable | None = None, val_data: Iterable
             progress.set_postfix(loss=f"{last_loss:.4f}", sps=f"{samples / max(elapsed, 1e-9):.1f}",
                                  **({"skipped": skipped.total} if skipped is not None and skipped.total else {}))
             if is_main and (step % tcfg.log_every == 0 or step == total_steps):
-                _log_line(run_dir, {"event": "train", "step": step, "epoch": epoch, "loss": last_loss,
+                run_log.write({"event": "train", "step": step, "epoch": epoch, "loss": last_loss,
                                     "lr": scheduler.get_last_lr()[0], "samples_per_s": samples / max(elapsed, 1e-9),
                                     "logit_scale": model.logit_scale.exp().item(),
                                     **({"skipped": dict(skipped.counts)} if skipped is not None else {})})
@@ -357,6 +383,7 @@ def train(cfg: Config, *, train_data: Iterable | None = None, val_data: Iterable
         validate()
     elapsed = time.perf_counter() - t_start
     if is_main:
+        run_log.close()
         save_adapter(model, run_dir / "adapter-last")
         if best["step"] is None:
             save_adapter(model, run_dir / "adapter-best")

@@ -214,3 +214,20 @@ def test_package_level_api_is_the_functions():
     assert mmft.evaluate is mmft.evaluation.evaluate
     assert set(mmft.__all__) >= {"load_config", "create_model", "apply_lora", "merge_lora", "save_adapter",
                                  "load_adapter", "export", "contrastive_loss", "train", "load_model"}
+
+
+def test_tensorboard_mirrors_the_json_log(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(tmp_path, steps=10, log_every=5, val_every=5, tensorboard=True)
+    model, tok, batches, val = _data(cfg)
+    run = train(cfg, train_data=batches, val_data=val, model=model, tokenizer=tok)
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    losses = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert losses == [(r["step"], pytest.approx(r["loss"])) for r in records if r["event"] == "train"]
+    val_r1 = [(e.step, e.value) for e in acc.Scalars("val/t2i_r1")]
+    assert val_r1 == [(r["step"], pytest.approx(r["t2i_r1"])) for r in records if r["event"] == "val"]
+    assert "val/best" not in acc.Tags()["scalars"]  # flags are not plotted as numbers
