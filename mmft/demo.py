@@ -2,10 +2,12 @@
 
 1. build the demo shards (openclipart GENERAL and DOMAIN splits);
 2. align mmft-mini on GENERAL train, towers frozen (configs/align.yaml) and export it: the frozen baseline;
-3. head-only tuning on DOMAIN train (configs/domain_head.yaml): the row users compare adapters with;
-4. LoRA on both towers on DOMAIN train, starting from the head-only heads (configs/domain_lora.yaml);
+3. head-only tuning on DOMAIN train with GENERAL replay (configs/domain_head.yaml): the row users compare
+   adapters with;
+4. LoRA on both towers on DOMAIN train + GENERAL replay, from the head-only heads (configs/domain_lora.yaml);
 5. a FAISS index of the DOMAIN test gallery with the tuned model;
-6. baseline vs head-only vs tuned on DOMAIN test and GENERAL test, the LoRA-scale sweep, report + plots.
+6. baseline vs head-only vs tuned on DOMAIN test and GENERAL test, the LoRA-scale sweep and the tuned model
+   at the recommended scale, report + plots.
 Every stage writes a directory the next one reads, so a re-run skips what is already complete.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ log = logging.getLogger("mmft.demo")
 DATA_PREFIX, RUNS_PREFIX = "data/demo", "runs/demo"
 QUICK = ["model.image_size=64", "train.epochs=2", "train.steps=0", "train.val_every=0", "train.warmup_steps=1", "data.batch_size=16",
          "data.num_workers=0", "eval.bootstrap=100", "eval.lora_scales=[0.0, 0.5, 1.0]"]
+QUICK_STAGE = {"domain_lora": ["data.epoch_samples=64"]}  # the replay mixture's declared epoch, cut to size
 
 
 def default_configs_dir() -> Path:
@@ -47,8 +50,10 @@ def _relocate(value, data_dir: str, out_dir: str):
     return value
 
 
-def stage_config(configs: Path, name: str, data_dir: str, out_dir: str, overrides: list[str]) -> Config:
-    return _relocate(load_config(configs / f"{name}.yaml", overrides), data_dir, out_dir)
+def stage_config(configs: Path, name: str, data_dir: str, out_dir: str, overrides: list[str],
+                 quick: bool = False) -> Config:
+    extra = (QUICK + QUICK_STAGE.get(name, []) if quick else []) + list(overrides)
+    return _relocate(load_config(configs / f"{name}.yaml", extra), data_dir, out_dir)
 
 
 def _say(msg: str) -> None:
@@ -96,7 +101,7 @@ def run_demo(out_dir: str = RUNS_PREFIX, data_dir: str = DATA_PREFIX, configs_di
 
     t0 = time.perf_counter()
     configs = Path(configs_dir) if configs_dir else default_configs_dir()
-    extra = (QUICK if quick else []) + list(overrides or [])
+    extra = list(overrides or [])
     out_dir, data_dir = str(out_dir), str(data_dir)
 
     _say("1/6 demo data: openclipart rendered into GENERAL and DOMAIN shards")
@@ -104,17 +109,17 @@ def run_demo(out_dir: str = RUNS_PREFIX, data_dir: str = DATA_PREFIX, configs_di
     build_demo_data(data_dir, which=("openclipart",), limit=limit, **kw)
 
     _say("2/6 align mmft-mini on GENERAL train (towers frozen, features cached): the frozen baseline")
-    align = _train_once(stage_config(configs, "align", data_dir, out_dir, extra))
+    align = _train_once(stage_config(configs, "align", data_dir, out_dir, extra, quick))
     base_path = Path(out_dir) / "base" / "mmft-mini-aligned.pt"
     if not base_path.is_file():
         export(load_model(align).model, base_path)
     print(f"baseline model: {base_path}")
 
-    _say("3/6 head-only tuning on DOMAIN train (projections + temperature)")
-    head = _train_once(stage_config(configs, "domain_head", data_dir, out_dir, extra))
+    _say("3/6 head-only tuning on DOMAIN train + GENERAL replay (projections + temperature)")
+    head = _train_once(stage_config(configs, "domain_head", data_dir, out_dir, extra, quick))
 
-    _say("4/6 LoRA on both towers on DOMAIN train, from the head-only heads")
-    lora_cfg = stage_config(configs, "domain_lora", data_dir, out_dir, extra)
+    _say("4/6 LoRA on both towers on DOMAIN train + GENERAL replay, from the head-only heads")
+    lora_cfg = stage_config(configs, "domain_lora", data_dir, out_dir, extra, quick)
     tuned_run = _train_once(lora_cfg)
 
     _say("5/6 FAISS index of the DOMAIN test gallery with the tuned model")
