@@ -103,6 +103,8 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only at validations and the end
     keep_checkpoints: int = 2
     resume: bool = True  # continue from the newest checkpoint in output_dir
+    # Recompute activations in backward instead of storing them: less peak memory, ~one more forward.
+    activation_checkpointing: bool = False
     tensorboard: bool = False  # also write TensorBoard events to <output_dir>/tensorboard (mmft[tensorboard])
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # Start from another run's adapter on the same base (e.g. heads of a head-only run: LP-FT). "" = fresh.

@@ -273,7 +273,75 @@ def create_model(model_cfg: ModelConfig, *, device: str | torch.device = "cpu"):
     model.mmft_identity = base_identity(model_cfg, arch)
     model.mmft_model_cfg = model_cfg
     tokenizer = open_clip.get_tokenizer(name, cache_dir=model_cfg.cache_dir)
+    pad_id = trimmable_pad_id(model)
+    if pad_id is not None:
+        tokenizer = PaddingTrimTokenizer(tokenizer, pad_id)
     return model, preprocess_train, preprocess_val, tokenizer
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute tower activations in the backward pass instead of keeping them (less memory, more compute).
+
+    Non-reentrant checkpoints throughout: with frozen inputs (the LoRA case) reentrant ones would drop
+    the adapters' gradients. Covers timm and open_clip image towers, open_clip and Hugging Face text towers.
+    """
+    from open_clip.hf_model import HFTextEncoder
+
+    visual, text = model.visual, getattr(model, "text", None)
+    if hasattr(visual, "trunk"):  # timm image tower: timm's checkpoints are non-reentrant unless told otherwise
+        import timm.layers
+
+        timm.layers.set_reentrant_ckpt(False)
+    visual.set_grad_checkpointing(True)
+    if isinstance(text, HFTextEncoder):
+        tr = text.transformer
+        kwargs = {"use_reentrant": False}
+        if hasattr(tr, "activation_checkpointing_enable"):  # transformers >= 5
+            tr.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            tr.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif text is not None:
+        text.set_grad_checkpointing(True)
+    else:  # open_clip CLIP: its own text transformer (checkpoints are non-reentrant there)
+        model.transformer.grad_checkpointing = True
+
+
+def trimmable_pad_id(model) -> int | None:
+    """The pad token id when cutting shared trailing padding leaves the text features unchanged, else None.
+
+    True for Hugging Face text towers: they mask padding out of attention and pooling and number
+    positions from the left. open_clip's own text transformer adds a fixed-length positional table, so
+    its tokens keep the full context length.
+    """
+    from open_clip.hf_model import HFTextEncoder
+
+    text = getattr(model, "text", None)
+    if isinstance(text, HFTextEncoder) and text.config.pad_token_id is not None:
+        return int(text.config.pad_token_id)
+    return None
+
+
+class PaddingTrimTokenizer:
+    """An open_clip tokenizer whose batches end at their longest caption instead of the context length.
+
+    Short captions (product titles, class prompts) padded to 77 tokens spend most of the text tower's
+    time and activation memory on padding; dropping the pad columns that every row shares gives the
+    same features (see `trimmable_pad_id`) from a fraction of the work.
+    """
+
+    def __init__(self, tokenizer, pad_id: int):
+        self.tokenizer, self.pad_id = tokenizer, pad_id
+
+    def __call__(self, texts, *args, **kwargs) -> torch.Tensor:
+        tokens = self.tokenizer(texts, *args, **kwargs)  # (N, context_length)
+        used = (tokens != self.pad_id).any(dim=0).nonzero()
+        length = int(used.max()) + 1 if len(used) else 1
+        return tokens[:, :length].contiguous()  # (N, length)
+
+    def __getattr__(self, name):  # context_length, decode, ... of the wrapped tokenizer
+        if name == "tokenizer":
+            raise AttributeError(name)
+        return getattr(self.tokenizer, name)
 
 
 def uses_sigmoid_loss(model: torch.nn.Module) -> bool:

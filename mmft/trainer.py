@@ -246,6 +246,10 @@ def train(cfg: Config, *, train_data: Iterable | None = None, val_data: Iterable
 
         load_adapter(model, tcfg.init_adapter, partial=True)
     model.to(device)
+    if tcfg.activation_checkpointing:
+        from .models import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
     if is_main:
         log.info("%s", summary_params)
     forward_model = model

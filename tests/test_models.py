@@ -120,3 +120,30 @@ def test_model_config_folder_is_removed_at_exit(tmp_path):
     folder = Path(out.stdout.strip())
     assert folder.name.startswith("mmft-model-configs-")
     assert not folder.exists()
+
+
+def test_trimmed_tokens_give_the_features_of_full_length_tokens():
+    # Fast path (batches cut at their longest caption) against the reference (padded to the context
+    # length), on mmft-mini's real MiniLM tower with mean pooling, also with LoRA on the text tower.
+    from mmft.config import LoraConfig
+    from mmft.lora import apply_lora
+    from mmft.models import PaddingTrimTokenizer
+
+    model, _, _, tokenizer = create_model(ModelConfig())
+    assert isinstance(tokenizer, PaddingTrimTokenizer)
+    captions = ["a red square", "a very long caption about a small brown dog sitting on a green lawn", "cat"]
+    short, full = tokenizer(captions), tokenizer.tokenizer(captions)
+    assert full.shape[1] == tokenizer.context_length > short.shape[1] >= 15
+    assert torch.equal(short, full[:, :short.shape[1]]) and not (full[:, short.shape[1]:] != 0).any()
+    apply_lora(model, LoraConfig())
+    with torch.no_grad():
+        for p in model.text.parameters():  # non-zero adapters, so the LoRA path is exercised too
+            p.add_(0.01 * torch.randn_like(p))
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model.encode_text(short), model.encode_text(full), atol=1e-5)
+
+
+def test_open_clip_text_transformer_keeps_the_context_length(tiny_vit_cfg):
+    model, _, _, tokenizer = create_model(tiny_vit_cfg)
+    assert tokenizer(["a cat"]).shape[1] == tiny_vit_cfg.model_cfg["text_cfg"]["context_length"]

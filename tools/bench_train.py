@@ -391,7 +391,8 @@ def expand_or_exit(a) -> list[str]:
     from mmft.data_stages import DataError
 
     try:
-        shards = expand_specs(a.shards)
+        # the trainers run in the work folder: local paths must not depend on this process's cwd
+        shards = [s if "://" in s or s.startswith("pipe:") else os.path.abspath(s) for s in expand_specs(a.shards)]
         if a.eval_shards:
             expand_specs(a.eval_shards)
     except DataError as e:
