@@ -10,6 +10,7 @@ Run directory:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -343,10 +344,14 @@ def train(cfg: Config, *, train_data: Iterable | None = None, val_data: Iterable
             texts = batch["text"].to(device, non_blocking=True)  # (B, L)
             groups = batch.get("group") if tcfg.use_groups else None
             groups = groups.to(device) if groups is not None else None
-            with autocast_for(device, tcfg.precision):
-                out = ddp_model(images, texts)
-            loss = loss_fn({k: v.float() if torch.is_tensor(v) else v for k, v in out.items()}, groups)
-            scaler.scale(loss / tcfg.accum_steps).backward()
+            # DDP all-reduces gradients on the last micro-step of an accumulation only; the earlier ones add
+            # to the local .grad, which the last reduction then averages with the rest.
+            sync = micro + 1 == tcfg.accum_steps or not hasattr(ddp_model, "no_sync")
+            with contextlib.nullcontext() if sync else ddp_model.no_sync():
+                with autocast_for(device, tcfg.precision):
+                    out = ddp_model(images, texts)
+                loss = loss_fn({k: v.float() if torch.is_tensor(v) else v for k, v in out.items()}, groups)
+                scaler.scale(loss / tcfg.accum_steps).backward()
             samples += images.shape[0] * world
             micro += 1
             if micro < tcfg.accum_steps:

@@ -127,6 +127,22 @@ def train_rank(tmp: str) -> None:
     cfg = train_cfg(tmp / "ddp", inputs["base"], LOCAL_B)
     model = create_model(cfg.model)[0]
     train_mod.train(cfg, train_data=local, model=model)
+    # one step accumulated over the same micro-batches: DDP must skip the all-reduce on all but the last
+    from torch.nn.parallel import DistributedDataParallel
+
+    no_sync, entered = DistributedDataParallel.no_sync, []
+
+    def counting(self):
+        entered.append(1)
+        return no_sync(self)
+
+    DistributedDataParallel.no_sync = counting
+    accum_grads: list = []
+    train_mod.optimizer_step = train_mod.optimizer_step.__wrapped__
+    record_grads(train_mod, accum_grads)
+    cfg = train_cfg(tmp / "ddp-accum", inputs["base"], LOCAL_B, steps=1, accum_steps=STEPS)
+    train_mod.train(cfg, train_data=local, model=create_model(cfg.model)[0])
+    DistributedDataParallel.no_sync = no_sync
     train_mod.optimizer_step = train_mod.optimizer_step.__wrapped__
 
     keys: list = []
@@ -135,7 +151,8 @@ def train_rank(tmp: str) -> None:
     cfg = train_cfg(tmp / "shards-run", inputs["base"], 4, steps=0, epochs=1, checkpoint_every=2)
     cfg.data.train, cfg.data.num_workers = [inputs["shards"]], 2
     train_mod.train(cfg)
-    torch.save({"grads": grads, "params": train_mod.trainable_state(model), "keys": keys}, tmp / f"rank{rank}.pt")
+    torch.save({"grads": grads, "params": train_mod.trainable_state(model), "keys": keys,
+                "accum_grads": accum_grads, "no_sync_entered": len(entered)}, tmp / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
@@ -189,6 +206,17 @@ def test_two_ranks_train_like_one_process_on_the_global_batch(setup, tmp_path):
     finally:
         train_mod.optimizer_step = step
     params = train_mod.trainable_state(model)
+    accum_grads: list = []
+    try:
+        record_grads(train_mod, accum_grads)
+        cfg = train_cfg(tmp_path / "single-accum", base, WORLD * LOCAL_B, steps=1, accum_steps=STEPS)
+        train_mod.train(cfg, train_data=batches, model=create_model(cfg.model)[0])
+    finally:
+        train_mod.optimizer_step = step
+    for r in ranks:  # gradient accumulation: micro-steps without all-reduce, the same accumulated gradient
+        assert r["no_sync_entered"] == STEPS - 1 and len(r["accum_grads"]) == 1
+        for name, g in accum_grads[0].items():
+            torch.testing.assert_close(r["accum_grads"][0][name], g, rtol=1e-4, atol=1e-6, msg=f"accumulated d {name}")
 
     assert len(grads) == len(ranks[0]["grads"]) == STEPS
     for s in range(STEPS):
