@@ -33,7 +33,7 @@ _EXPORTS = {
     "evaluate": "evaluation",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = sorted(_EXPORTS) + ["__version__"]  # noqa: PLE0605 (the names above, lazily imported)
 
 
 def __getattr__(name: str):

@@ -205,5 +205,13 @@ def is_mini(model: torch.nn.Module) -> bool:
     return model_identity(model)["name"] == MMFT_MINI
 
 
-__all__ = ["AdapterMismatchError", "LoadedModel", "adapter_digest", "export", "load_adapter", "load_model",
-           "save_adapter", "LoraConfig"]
+__all__ = [
+    "AdapterMismatchError",
+    "LoadedModel",
+    "LoraConfig",
+    "adapter_digest",
+    "export",
+    "load_adapter",
+    "load_model",
+    "save_adapter",
+]

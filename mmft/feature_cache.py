@@ -6,7 +6,7 @@ minutes per epoch into milliseconds. Images are cached without augmentation.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F

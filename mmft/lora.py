@@ -444,6 +444,6 @@ def train_mode(model: nn.Module) -> None:
     """model.train(), but frozen BatchNorm layers keep their running statistics (eval mode)."""
     model.train()
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            if not any(p.requires_grad for p in m.parameters(recurse=False)):
-                m.eval()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in m.parameters(recurse=False)):
+            m.eval()

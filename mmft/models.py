@@ -248,7 +248,7 @@ def create_model(model_cfg: ModelConfig, *, device: str | torch.device = "cpu"):
 
     name, arch = _resolve(model_cfg)
     _check_pretrained(name, model_cfg.pretrained)
-    kwargs = dict(output_dict=True, device=device, cache_dir=model_cfg.cache_dir)
+    kwargs = {"output_dict": True, "device": device, "cache_dir": model_cfg.cache_dir}
     if model_cfg.image_size and name != MMFT_MINI:
         kwargs["force_image_size"] = model_cfg.image_size
     if name == MMFT_MINI:

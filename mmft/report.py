@@ -108,8 +108,9 @@ def markdown(report: dict, plots: list[str]) -> str:
         out += [title, ""] + metrics_table(report, set_name) + [""]
         per_group = report.get("per_group", {}).get(set_name)
         if per_group:
-            out += ["Image→text R@1 per group (queries in brackets); with class captions this is per-class "
-                    "accuracy:", ""] + per_group_table(per_group) + [""]
+            note = ("Image→text R@1 per group (queries in brackets); with class captions this is per-class "
+                    "accuracy:")
+            out += [note, ""] + per_group_table(per_group) + [""]
     sweep = report.get("sweep")
     if sweep:
         note = "The fine-tuning delta scaled by each factor (0 = frozen base, 1 = tuned), no retraining."

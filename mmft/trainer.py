@@ -16,8 +16,9 @@ import logging
 import math
 import random
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -134,7 +135,7 @@ class Checkpointer:
         for path in reversed(self.paths()):
             try:
                 return torch.load(path, map_location="cpu", weights_only=False)
-            except Exception as e:  # a damaged file: fall back to the previous one
+            except Exception as e:  # noqa: BLE001 (a damaged file raises many kinds): fall back to the previous one
                 log.warning("checkpoint %s is unreadable (%s); trying an older one", path, e)
         return None
 

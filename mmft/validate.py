@@ -5,7 +5,7 @@ FAISS-based evaluation with confidence intervals lives in mmft.evaluation.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F

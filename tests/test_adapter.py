@@ -2,18 +2,18 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_VIT
 from torch import nn
 
-from mmft.adapter import (AdapterMismatchError, adapter_digest, export, load_adapter, load_model, save_adapter)
+from mmft.adapter import AdapterMismatchError, adapter_digest, export, load_adapter, load_model, save_adapter
 from mmft.config import LoraConfig, ModelConfig
 from mmft.lora import apply_lora, set_lora_scale
 from mmft.models import create_model
-from conftest import TINY_VIT
 
 
 def _tuned(cfg: ModelConfig, seed=0):
     torch.manual_seed(seed)
-    model, _, pv, tok = create_model(cfg)
+    model, _, _, tok = create_model(cfg)
     apply_lora(model, LoraConfig())
     torch.manual_seed(seed + 1)
     with torch.no_grad():
@@ -104,7 +104,7 @@ def test_export_at_lora_scale_and_as_next_base(tmp_path, tiny_vit_cfg):
 
 
 def test_export_mmft_mini_round_trip(tmp_path):
-    model, _, pv, tok = create_model(ModelConfig(image_size=64))
+    model, _, _, tok = create_model(ModelConfig(image_size=64))
     apply_lora(model, LoraConfig())
     torch.manual_seed(3)
     with torch.no_grad():

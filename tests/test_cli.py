@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import TINY_VIT
 
 from mmft.cli import main
-from conftest import TINY_VIT
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -25,7 +25,6 @@ def test_unknown_override_is_one_sentence(tmp_path, capsys):
 
 def _tiny_run(tmp_path) -> Path:
     """A real (tiny) training run through `mmft train`, on shards written by `mmft shards`."""
-    from PIL import Image
 
     from conftest import make_pairs
 
@@ -36,8 +35,8 @@ def _tiny_run(tmp_path) -> Path:
         (src / f"{i:03d}.txt").write_text(caption + "\n")
     assert main(["shards", str(src), str(tmp_path / "shards"), "--splits", "train=0.75,test=0.25", "--quiet"]) == 0
     torch.manual_seed(0)
-    from mmft.models import create_model
     from mmft.config import ModelConfig
+    from mmft.models import create_model
 
     torch.save(create_model(ModelConfig(name="tiny-vit", model_cfg=TINY_VIT))[0].state_dict(), tmp_path / "base.pt")
     cfg = {"model": {"name": "tiny-vit", "model_cfg": TINY_VIT, "pretrained": str(tmp_path / "base.pt")},

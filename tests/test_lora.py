@@ -2,13 +2,21 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_timm_hf_config
 from torch import nn
 
 from mmft.config import LoraConfig, LoraTowerConfig, ModelConfig
-from mmft.lora import (LoRAConv2d, LoRALinear, LoRAMultiheadAttention, apply_lora, merge_lora, set_lora_scale,
-                       tower_bodies, train_mode)
+from mmft.lora import (
+    LoRAConv2d,
+    LoRALinear,
+    LoRAMultiheadAttention,
+    apply_lora,
+    merge_lora,
+    set_lora_scale,
+    tower_bodies,
+    train_mode,
+)
 from mmft.models import create_model
-from conftest import tiny_timm_hf_config
 
 
 def _build(kind, tiny_hf_dir):

@@ -4,14 +4,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_timm_hf_config
 
 from mmft.config import ModelConfig
 from mmft.models import ModelLoadError, create_model, model_identity, packaged_tower_paths
-from conftest import tiny_timm_hf_config
 
 
 def test_mmft_mini_loads_packaged_image_weights():
-    model, _, preprocess_val, tokenizer = create_model(ModelConfig())
+    model, _, _, _ = create_model(ModelConfig())
     eff_path, _ = packaged_tower_paths()
     src = torch.load(eff_path, map_location="cpu", weights_only=True)
     trunk = model.visual.trunk.state_dict()
@@ -85,7 +85,7 @@ def test_local_checkpoint_for_builtin_name(tmp_path):
 
 
 def test_timm_and_hf_towers_from_model_config(tiny_hf_dir):
-    model, _, pv, tok = create_model(ModelConfig(name="tiny-timm-hf", model_cfg=tiny_timm_hf_config(tiny_hf_dir)))
+    model, _, _, tok = create_model(ModelConfig(name="tiny-timm-hf", model_cfg=tiny_timm_hf_config(tiny_hf_dir)))
     with torch.no_grad():
         out = model(torch.randn(2, 3, 224, 224), tok(["a", "b c"]))
     assert out["image_features"].shape == (2, 32)
@@ -145,5 +145,5 @@ def test_trimmed_tokens_give_the_features_of_full_length_tokens():
 
 
 def test_open_clip_text_transformer_keeps_the_context_length(tiny_vit_cfg):
-    model, _, _, tokenizer = create_model(tiny_vit_cfg)
+    _, _, _, tokenizer = create_model(tiny_vit_cfg)
     assert tokenizer(["a cat"]).shape[1] == tiny_vit_cfg.model_cfg["text_cfg"]["context_length"]

@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_VIT, eval_batches, make_pairs, pair_batches
 
 from mmft.config import Config, LoraConfig, ModelConfig, TrainConfig
 from mmft.models import create_model
 from mmft.trainer import train
 from mmft.validate import retrieval_recall
-from conftest import TINY_VIT, eval_batches, make_pairs, pair_batches
 
 
 def _cfg(tmp_path, **train_kw) -> Config:
-    kw = dict(output_dir=str(tmp_path / "run"), steps=30, lr=2e-3, warmup_steps=3, log_every=5, seed=0,
-              loss_impl="reference")
+    kw = {"output_dir": str(tmp_path / "run"), "steps": 30, "lr": 2e-3, "warmup_steps": 3, "log_every": 5,
+          "seed": 0, "loss_impl": "reference"}
     kw.update(train_kw)
     cfg = Config(model=ModelConfig(name="tiny-vit", model_cfg=TINY_VIT), train=TrainConfig(**kw))
     cfg.data.batch_size = 16
