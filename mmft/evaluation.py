@@ -83,7 +83,7 @@ def retrieval_results(emb, ks: list[int], factory: str = "Flat", relevance: str 
            "i2t": direction_results(image, text, *labels["i2t"], ks, factory)}
     out["relevance"] = relevance
     if relevance == "group":
-        out["group_names"] = [str(g) for g in np.unique(np.asarray([str(g) for g in emb.groups]))]
+        out["group_names"] = M.group_codes(emb.groups)[0]  # the names of the label ids relevance_labels gave
     return out
 
 

@@ -17,6 +17,12 @@ import numpy as np
 AP_DEPTH = 10  # mAP@10
 
 
+def group_codes(groups: list) -> tuple[list[str], np.ndarray]:
+    """(sorted distinct group names, (N,) int64 index of each item's group in that list)."""
+    names, codes = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
+    return [str(n) for n in names], codes.astype(np.int64).reshape(-1)
+
+
 def relevance_labels(caption_image: np.ndarray, n_images: int, groups: list | None = None,
                      relevance: str = "instance") -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{"t2i": (caption labels (M,), image labels (N,)), "i2t": (image labels (N,), caption labels (M,))}.
@@ -30,8 +36,7 @@ def relevance_labels(caption_image: np.ndarray, n_images: int, groups: list | No
         if groups is None or any(g is None for g in groups):
             raise ValueError("relevance='group' needs a group id for every image; set data.group_field "
                              "or use relevance='instance'")
-        _, img = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
-        img = img.astype(np.int64).reshape(-1)
+        img = group_codes(groups)[1]
     else:
         raise ValueError(f"relevance={relevance!r} is not one of 'instance', 'group'")
     cap = img[caption_image]
