@@ -1,7 +1,8 @@
 """mmft: fine-tune CLIP-style dual encoders on a domain with LoRA and ship the result as a search index.
 
-Pipeline (one module per stage, data flowing one way):
-config -> data -> models (+lora) -> loss -> train -> adapter -> embed -> index -> evaluate.
+Pipeline (one package per stage, data flowing one way):
+config -> data -> model (+LoRA) -> loss -> training -> run directory -> embeddings -> index ->
+evaluation -> bundle / serve.
 Heavy modules load on first use, so `import mmft` stays cheap on a bare CPU box.
 """
 from __future__ import annotations
@@ -14,23 +15,23 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Config": "config",
     "load_config": "config",
-    "create_model": "models",
-    "model_identity": "models",
-    "apply_lora": "lora",
-    "merge_lora": "lora",
-    "set_lora_scale": "lora",
-    "trainable_summary": "lora",
-    "save_adapter": "adapter",
-    "load_adapter": "adapter",
-    "export": "adapter",
-    "load_model": "adapter",
-    "contrastive_loss": "loss",
-    "sigmoid_loss": "loss",
-    "train": "trainer",
+    "create_model": "model.factory",
+    "model_identity": "model.factory",
+    "apply_lora": "model.lora",
+    "merge_lora": "model.lora",
+    "set_lora_scale": "model.lora",
+    "trainable_summary": "model.lora",
+    "save_adapter": "model.adapter",
+    "load_adapter": "model.adapter",
+    "export": "model.adapter",
+    "load_model": "model.adapter",
+    "contrastive_loss": "loss.contrastive",
+    "sigmoid_loss": "loss.contrastive",
+    "train": "training.trainer",
     "embed": "embeddings",
-    "build_index": "index",
-    "load_index": "index",
-    "evaluate": "evaluation",
+    "build_index": "index.core",
+    "load_index": "index.core",
+    "evaluate": "evaluation.core",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]  # noqa: PLE0605 (the names above, lazily imported)

@@ -1,6 +1,6 @@
 """`python -m mmft ...` (what `torchrun -m mmft train ...` runs)."""
 import sys
 
-from .cli import main
+from mmft.cli import main
 
 sys.exit(main())

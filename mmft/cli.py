@@ -1,7 +1,7 @@
 """The mmft command line: one subcommand per pipeline stage, each one library call.
 
-    mmft train  --config configs/domain_lora.yaml train.lr=1e-4
-    mmft eval   --run runs/demo/domain-lora --config configs/domain_lora.yaml
+    mmft train  --config mmft/demo/configs/domain_lora.yaml train.lr=1e-4
+    mmft eval   --run runs/demo/domain-lora --config mmft/demo/configs/domain_lora.yaml
     mmft index  build --run RUN --shards 'data/test-{00000..00003}.tar' --out runs/index
     mmft index  query runs/index "a red apple" -k 5
     mmft export --run RUN --out exported/model.pt --lora-scale 0.5
@@ -18,14 +18,14 @@ from pathlib import Path
 
 
 def _config(args):
-    from .config import load_config
+    from mmft.config import load_config
 
     return load_config(getattr(args, "config", None), getattr(args, "overrides", []) or [])
 
 
 def cmd_train(args) -> int:
-    from .distributed import init_from_env
-    from .trainer import train
+    from mmft.distributed import init_from_env
+    from mmft.training.trainer import train
 
     init_from_env()
     run = train(_config(args))
@@ -34,7 +34,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluation import evaluate_run
+    from mmft.evaluation.core import evaluate_run
 
     cfg = _config(args)
     report = evaluate_run(args.run, cfg.eval, args.out, data_cfg=cfg.data if args.config else None)
@@ -44,8 +44,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_index_build(args) -> int:
-    from .distributed import init_from_env
-    from .index import build_index_from_run
+    from mmft.distributed import init_from_env
+    from mmft.index.core import build_index_from_run
 
     cfg = _config(args)
     if args.factory is not None:
@@ -53,7 +53,7 @@ def cmd_index_build(args) -> int:
     if args.lora_scale is not None:
         cfg.index.lora_scale = args.lora_scale
     if init_from_env():  # under torchrun: every rank embeds its share, rank 0 merges
-        from .dist_index import build_index_distributed
+        from mmft.index.distributed import build_index_distributed
 
         out = build_index_distributed(args.run, args.shards, args.out, cfg.index, data_cfg=cfg.data)
         print(f"index: {out}")
@@ -64,7 +64,7 @@ def cmd_index_build(args) -> int:
 
 
 def cmd_index_query(args) -> int:
-    from .index import query_index
+    from mmft.index.core import query_index
 
     kind = "image" if args.image else "text"
     results = query_index(args.index, args.run, **{kind: args.query}, k=args.k)
@@ -76,7 +76,7 @@ def cmd_index_query(args) -> int:
 
 
 def cmd_index_merge(args) -> int:
-    from .dist_index import merge_index_parts
+    from mmft.index.distributed import merge_index_parts
 
     merge_index_parts(args.parts, args.out)
     print(f"merged index: {args.out}")
@@ -84,8 +84,8 @@ def cmd_index_merge(args) -> int:
 
 
 def cmd_embed(args) -> int:
-    from .dist_index import embed_run
-    from .distributed import init_from_env
+    from mmft.index.distributed import embed_run
+    from mmft.distributed import init_from_env
 
     init_from_env()
     embed_run(args.run, args.shards, args.out, lora_scale=args.lora_scale)
@@ -93,7 +93,7 @@ def cmd_embed(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .adapter import export, load_model
+    from mmft.model.adapter import export, load_model
 
     model = load_model(args.run, adapter=args.adapter).model
     path = export(model, args.out, lora_scale=args.lora_scale)
@@ -102,14 +102,14 @@ def cmd_export(args) -> int:
 
 
 def cmd_shards(args) -> int:
-    from .shards import run_from_args
+    from mmft.data.shard_writer import run_from_args
 
     opts = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("fn", "verbose")})
     return run_from_args(opts)
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from mmft.demo.runner import run_demo
 
     run_demo(out_dir=args.out, data_dir=args.data, configs_dir=args.configs, quick=args.quick,
              overrides=args.overrides)
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lora-scale", type=float, help="scale of the fine-tuning delta (default 1.0)")
     sp.set_defaults(fn=cmd_export)
 
-    from .shards import add_arguments as shard_arguments
+    from mmft.data.shard_writer import add_arguments as shard_arguments
 
     sp = sub.add_parser("shards", help="write WebDataset shards from folders, CSV/TSV/JSONL or class folders")
     shard_arguments(sp)

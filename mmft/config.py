@@ -40,7 +40,7 @@ class LoraTowerConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    # Module-name suffixes to adapt; empty = the tower type's default (see mmft.lora.DEFAULT_TARGETS).
+    # Module-name suffixes to adapt; empty = the tower type's default (see mmft.model.lora.DEFAULT_TARGETS).
     targets: list[str] = field(default_factory=list)
     # Regex a module's full name must match too (e.g. "blocks\\.[3-6]\\." or "layer\\.(4|5)\\."); "" = all.
     layers: str = ""

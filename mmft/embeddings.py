@@ -4,7 +4,7 @@
     emb.image  # (N, D) float32, one row per image;  emb.text  # (M, D), one row per caption
     emb.caption_image  # (M,) row of each caption's image
 
-A source is shard specs (read with `mmft.data.eval_loader`) or any iterable of batches
+A source is shard specs (read with `mmft.data.stream.eval_loader`) or any iterable of batches
 `{"image": (B, 3, S, S), "key": [str], "captions": [[str]], "group": [str] | None}`.
 With `out_dir`, vectors go to disk in parts as they come and are joined at the end into
 memory-mappable `image.npy` / `text.npy`, so a large gallery never sits in RAM whole.
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .io import atomic_path, write_json
+from mmft.io import atomic_path, write_json
 
 EMBEDDINGS_FORMAT = 1
 _ARRAYS = ("image", "text", "caption_image")
@@ -96,8 +96,8 @@ def model_fingerprint(model: torch.nn.Module) -> dict:
 
     At LoRA scale 0 the model is exactly its base, so the adapter is recorded as None there.
     """
-    from .adapter import adapter_digest
-    from .lora import get_lora_scale
+    from mmft.model.adapter import adapter_digest
+    from mmft.model.lora import get_lora_scale
 
     ident = getattr(model, "mmft_identity", None)
     digest = adapter_digest(model)
@@ -265,13 +265,13 @@ class _Sink:
 
 
 def _batches(source, data_cfg, preprocess, batch_size: int, num_workers: int | None) -> Iterable[dict]:
-    """Shard specs -> mmft.data.eval_loader; a zero-argument callable -> its result; else the iterable."""
+    """Shard specs -> mmft.data.stream.eval_loader; a zero-argument callable -> its result; else the iterable."""
     if isinstance(source, (str, Path)) or (isinstance(source, (list, tuple)) and source
                                            and all(isinstance(s, (str, Path)) for s in source)):
         if preprocess is None:
             raise EmbeddingsError("embedding shards needs `preprocess` (the model's preprocess_val)")
-        from .config import DataConfig
-        from .data import eval_loader
+        from mmft.config import DataConfig
+        from mmft.data.stream import eval_loader
 
         specs = [str(source)] if isinstance(source, (str, Path)) else [str(s) for s in source]
         data_cfg = data_cfg or DataConfig()

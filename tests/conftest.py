@@ -33,7 +33,7 @@ def tiny_hf_dir(tmp_path_factory):
 
     from transformers import BertConfig, BertModel
 
-    from mmft.models import packaged_tower_paths
+    from mmft.model.factory import packaged_tower_paths
 
     out = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)
@@ -110,10 +110,10 @@ def adapted_run_dir(tmp_path, seed: int):
     """
     import yaml
 
-    from mmft.adapter import save_adapter
+    from mmft.model.adapter import save_adapter
     from mmft.config import Config, LoraConfig, ModelConfig, to_dict
-    from mmft.lora import apply_lora
-    from mmft.models import create_model
+    from mmft.model.lora import apply_lora
+    from mmft.model.factory import create_model
 
     torch.manual_seed(seed)
     torch.save(create_model(ModelConfig(name="tiny-vit", model_cfg=TINY_VIT))[0].state_dict(), tmp_path / "base.pt")

@@ -8,7 +8,9 @@ from conftest import TINY_VIT
 
 from mmft.cli import main
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+DEMO_CONFIGS = ROOT / "mmft" / "demo" / "configs"
 
 
 def test_vit_b32_config_stops_at_once_offline(tmp_path, capsys):
@@ -19,7 +21,7 @@ def test_vit_b32_config_stops_at_once_offline(tmp_path, capsys):
 
 
 def test_unknown_override_is_one_sentence(tmp_path, capsys):
-    rc = main(["train", "--config", str(CONFIGS / "domain_lora.yaml"), "train.lrr=1"])
+    rc = main(["train", "--config", str(DEMO_CONFIGS / "domain_lora.yaml"), "train.lrr=1"])
     assert rc == 2 and "unknown config key 'train.lrr'" in capsys.readouterr().err
 
 
@@ -36,7 +38,7 @@ def _tiny_run(tmp_path) -> Path:
     assert main(["shards", str(src), str(tmp_path / "shards"), "--splits", "train=0.75,test=0.25", "--quiet"]) == 0
     torch.manual_seed(0)
     from mmft.config import ModelConfig
-    from mmft.models import create_model
+    from mmft.model.factory import create_model
 
     torch.save(create_model(ModelConfig(name="tiny-vit", model_cfg=TINY_VIT))[0].state_dict(), tmp_path / "base.pt")
     cfg = {"model": {"name": "tiny-vit", "model_cfg": TINY_VIT, "pretrained": str(tmp_path / "base.pt")},
@@ -61,8 +63,8 @@ def test_train_export_index_query(tmp_path, capsys):
     # an index built at another LoRA scale is refused for this run's model
     assert main(["index", "build", "--run", str(run), "--shards", test_shards, "--out", str(tmp_path / "idx0"),
                  "--lora-scale", "0.0"]) == 0
-    from mmft.adapter import load_model
-    from mmft.index import load_index
+    from mmft.model.adapter import load_model
+    from mmft.index.core import load_index
 
     with pytest.raises(Exception, match="LoRA scale|scale"):
         load_index(tmp_path / "idx0", model=load_model(run).model)

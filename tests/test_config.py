@@ -63,6 +63,7 @@ def test_missing_file_and_bad_override():
 def test_shipped_configs_load():
     from pathlib import Path
 
-    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    root = Path(__file__).parent.parent
+    configs = sorted([*(root / "configs").glob("*.yaml"), *(root / "mmft/demo/configs").glob("*.yaml")])
     for path in configs:
         load_config(path)

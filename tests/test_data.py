@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from mmft import data_stages as st
+from mmft.data import stages as st
 from mmft.config import DataConfig
-from mmft.data import (
+from mmft.data.stream import (
     DataError,
     SkipStats,
     count_samples,
@@ -177,7 +177,7 @@ def test_caption_choice_and_group_id_are_stable():
 
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
 def test_fast_tar_reader_matches_tarfile(fmt):
-    from mmft.data_tar import fast_tar_members, reference_tar_members, tar_members
+    from mmft.data.tar_reader import fast_tar_members, reference_tar_members, tar_members
 
     buf = io.BytesIO()
     names = ["k1.jpg", "k1.txt", "d" * 120 + "/k2.jpg", "caf\u00e9/k3.png", "k4.txt"]
@@ -411,7 +411,7 @@ def test_count_agrees_with_reader_wherever_a_shard_is_cut(tmp_path):
 
 
 def test_crop_box_stays_inside_and_covers_the_scale_range():
-    from mmft.data_transforms import _crop_box
+    from mmft.data.augment import _crop_box
 
     rng = random.Random(0)
     areas = []

@@ -41,7 +41,7 @@ def _write_svgs(root: Path) -> None:
 
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
-    from mmft.demo import run_demo
+    from mmft.demo.runner import run_demo
 
     svg_root = tmp_path / "svg"
     _write_svgs(svg_root)
@@ -70,10 +70,10 @@ def test_quick_demo_end_to_end(tmp_path):
     assert report["rows"] == saved["rows"]
 
     # tuned text->image R@1 equals what the saved index answers for the domain test captions
-    from mmft.adapter import load_model
+    from mmft.model.adapter import load_model
     from mmft.config import DataConfig
-    from mmft.data import eval_loader
-    from mmft.index import load_index
+    from mmft.data.stream import eval_loader
+    from mmft.index.core import load_index
 
     tuned = load_model(out / "domain-lora")
     index = load_index(out / "index", model=tuned.model)

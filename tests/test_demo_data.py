@@ -10,7 +10,7 @@ from xml.sax.saxutils import escape
 import pytest
 from PIL import Image
 
-from mmft import demo_data as dd
+from mmft.demo import datasets as dd
 
 pytest.importorskip("cairosvg")
 

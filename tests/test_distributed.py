@@ -23,7 +23,7 @@ import yaml
 from conftest import TINY_VIT, make_pairs, pair_batches
 
 from mmft.config import Config, ModelConfig, TrainConfig
-from mmft.models import create_model
+from mmft.model.factory import create_model
 
 WORLD, LOCAL_B, STEPS = 2, 8, 3
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,9 +112,9 @@ class KeyRecorder:
 
 def train_rank(tmp: str) -> None:
     """One rank: the global-batch run on its slice of each batch, then one epoch over the shards."""
-    from mmft import data as data_mod
+    from mmft.data import stream as data_mod
     from mmft import distributed as du
-    train_mod = importlib.import_module("mmft.trainer")
+    train_mod = importlib.import_module("mmft.training.trainer")
 
     torch.set_num_threads(1)
     assert du.init_from_env()
@@ -179,7 +179,7 @@ def setup(tmp_path_factory, one_thread):
     paths = write_dataset(tmp / "shards", shards=4, per_shard=10)
     cfg = train_cfg(tmp / "run", base, 8, steps=2)
     model, _, preprocess, tok = create_model(cfg.model)
-    importlib.import_module("mmft.trainer").train(cfg, train_data=pair_batches(preprocess, tok, make_pairs(16), 8),
+    importlib.import_module("mmft.training.trainer").train(cfg, train_data=pair_batches(preprocess, tok, make_pairs(16), 8),
                                                 model=model)
     return {"base": base, "paths": paths, "shards": str(tmp / "shards" / "s-{00000..00003}.tar"),
             "run": tmp / "run", "preprocess": preprocess, "tok": tok}
@@ -188,7 +188,7 @@ def setup(tmp_path_factory, one_thread):
 def test_two_ranks_train_like_one_process_on_the_global_batch(setup, tmp_path):
     """Same gradients and parameters as one process on the concatenated batches; an epoch over shards
     gives every sample to exactly one rank."""
-    train_mod = importlib.import_module("mmft.trainer")
+    train_mod = importlib.import_module("mmft.training.trainer")
     base, paths = setup["base"], setup["paths"]
     pairs = make_pairs(WORLD * LOCAL_B * STEPS, seed=3)
     batches = pair_batches(setup["preprocess"], setup["tok"], pairs, WORLD * LOCAL_B, with_groups=True)
@@ -260,11 +260,11 @@ def _search(index, queries: np.ndarray, k: int = 10):
 
 def test_two_rank_embed_and_merge_give_the_single_process_index(setup, tmp_path):
     """`mmft embed` on 2 ranks + merge: the same ids, rows and neighbours as `build_index_from_run`."""
-    from mmft.adapter import load_model
+    from mmft.model.adapter import load_model
     from mmft.cli import main
     from mmft.config import DataConfig, IndexConfig
-    from mmft.dist_index import build_index_distributed, merge_index_parts
-    from mmft.index import build_index_from_run, load_index
+    from mmft.index.distributed import build_index_distributed, merge_index_parts
+    from mmft.index.core import build_index_from_run, load_index
 
     run, shards, parts = setup["run"], setup["shards"], tmp_path / "parts"
     # "--" keeps torchrun from reading --run as an abbreviation of its own --run-path
@@ -374,7 +374,7 @@ def test_killed_two_rank_run_resumes_from_its_checkpoint(setup, tmp_path):
 @pytest.mark.parametrize("shards,world,workers", [(1, 2, 2), (2, 3, 1), (5, 2, 2), (4, 2, 3), (3, 1, 2)])
 def test_rank_and_worker_plans_read_every_sample_once(shards, world, workers):
     """Whole shards per reader when there are enough, else every n-th sample: nothing twice, nothing lost."""
-    from mmft.dist_index import _split
+    from mmft.index.distributed import _split
 
     sizes = [7 + 3 * i for i in range(shards)]
     seen = []

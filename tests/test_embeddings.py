@@ -8,8 +8,8 @@ from conftest import TINY_VIT
 
 from mmft.config import LoraConfig, ModelConfig
 from mmft.embeddings import Embeddings, EmbeddingsError, embed, encode_images, encode_texts, model_fingerprint
-from mmft.lora import apply_lora, set_lora_scale
-from mmft.models import create_model
+from mmft.model.lora import apply_lora, set_lora_scale
+from mmft.model.factory import create_model
 
 TINY = TINY_VIT  # the shared tiny open_clip config (conftest.py)
 
@@ -128,12 +128,12 @@ def test_one_pass_iterators_and_callables(tiny):
 
 
 def test_embed_real_shards_if_the_data_module_exists(tiny, tmp_path):
-    data = pytest.importorskip("mmft.data")
+    data = pytest.importorskip("mmft.data.stream")
     if not hasattr(data, "eval_loader"):
-        pytest.skip("mmft.data.eval_loader is not available")
+        pytest.skip("mmft.data.stream.eval_loader is not available")
     from PIL import Image
 
-    from mmft.shards import make_shards
+    from mmft.data.shard_writer import make_shards
 
     src = tmp_path / "src"
     src.mkdir()

@@ -11,7 +11,7 @@ from conftest import TINY_VIT, adapted_run_dir
 
 from mmft.config import EvalConfig, LoraConfig, ModelConfig
 from mmft.embeddings import Embeddings, embed
-from mmft.evaluation import (
+from mmft.evaluation.core import (
     EvalRow,
     approximate_loss,
     evaluate,
@@ -19,9 +19,9 @@ from mmft.evaluation import (
     recommend_scale,
     retrieval_results,
 )
-from mmft.lora import apply_lora, get_lora_scale
-from mmft.models import create_model
-from mmft.report import markdown
+from mmft.model.lora import apply_lora, get_lora_scale
+from mmft.model.factory import create_model
+from mmft.evaluation.report import markdown
 
 TINY = TINY_VIT  # the shared tiny open_clip config (conftest.py)
 
@@ -89,7 +89,7 @@ def test_end_to_end_report_with_baseline_tuned_deltas_and_sweep(tuned, tmp_path)
 
 
 def test_recommended_scale_gets_its_own_row(tuned, monkeypatch):
-    import mmft.evaluation as E
+    import mmft.evaluation.core as E
 
     model, _, _, tok = tuned
     monkeypatch.setattr(E, "recommend_scale", lambda points, drop: (0.5, "forced for the test"))
@@ -178,7 +178,7 @@ def test_exhaustive_ivf_through_evaluate_loses_nothing(tuned):
 
 def test_package_level_evaluate_works_after_the_submodule_is_imported(tuned):
     import mmft
-    import mmft.evaluation  # the module has its own name, so `mmft.evaluate` stays the function
+    import mmft.evaluation.core  # the module has its own name, so `mmft.evaluate` stays the function
 
     model, _, _, tok = tuned
     report = mmft.evaluate(model, {"domain": _batches(8, 4)}, tokenizer=tok, sweep=False,
@@ -193,11 +193,11 @@ def test_one_shot_iterator_is_refused(tuned):
 
 
 def test_evaluate_run_on_real_shards(tmp_path):
-    """A run directory (config + adapter) and real shards through mmft.data: the path `mmft eval` takes."""
-    pytest.importorskip("mmft.data")
+    """A run directory (config + adapter) and real shards through mmft.data.stream: the path `mmft eval` takes."""
+    pytest.importorskip("mmft.data.stream")
     from PIL import Image
 
-    from mmft.shards import make_shards
+    from mmft.data.shard_writer import make_shards
 
     run, model, preprocess, tok = adapted_run_dir(tmp_path, seed=5)
     src = tmp_path / "src"

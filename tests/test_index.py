@@ -11,7 +11,7 @@ from conftest import TINY_VIT, adapted_run_dir
 
 from mmft.config import IndexConfig, LoraConfig, ModelConfig
 from mmft.embeddings import embed
-from mmft.index import (
+from mmft.index.core import (
     IndexLoadError,
     StaleIndexError,
     apply_fp16,
@@ -21,8 +21,8 @@ from mmft.index import (
     load_index,
     query_index,
 )
-from mmft.lora import apply_lora, set_lora_scale
-from mmft.models import create_model
+from mmft.model.lora import apply_lora, set_lora_scale
+from mmft.model.factory import create_model
 
 TINY = TINY_VIT  # the shared tiny open_clip config (conftest.py)
 
@@ -238,7 +238,7 @@ def test_cli_path_build_from_run_then_query_by_text_and_image(tmp_path):
     index's LoRA scale."""
     from PIL import Image
 
-    from mmft.index import build_index_from_run
+    from mmft.index.core import build_index_from_run
 
     run, model, preprocess, tok = adapted_run_dir(tmp_path, seed=3)
     pics = [Image.new("RGB", (40, 40), (30 * i, 200 - 30 * i, 90)) for i in range(6)]

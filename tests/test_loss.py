@@ -1,4 +1,4 @@
-"""mmft.loss on CPU: the reference against open_clip and a brute-force loop, the chunked path against
+"""mmft.loss.contrastive on CPU: the reference against open_clip and a brute-force loop, the chunked path against
 the reference (loss, d image, d text, d logit_scale, d logit_bias), numerics, dispatch and errors."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmft import loss as L
-from mmft.kernels import chunked
+from mmft.loss import contrastive as L
+from mmft.loss.kernels import chunked
 
 B, D = 37, 129  # odd on purpose: every tile is ragged
 LOSSES = {"infonce": L.contrastive_loss, "sigmoid": L.sigmoid_loss}
@@ -226,7 +226,7 @@ def test_errors_name_the_offending_value(monkeypatch):
 
 
 def test_import_does_not_import_triton():
-    code = "import sys, mmft.loss, mmft.kernels; assert 'triton' not in sys.modules, 'triton imported'"
+    code = "import sys, mmft.loss.contrastive, mmft.loss.kernels; assert 'triton' not in sys.modules, 'triton imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
@@ -246,7 +246,7 @@ def test_sigmoid_chunked_without_autograd_and_twice():
 def test_triton_configs_fit_the_hardware(monkeypatch):
     """The autotune lists for Ampere and Hopper fit shared memory; the D-slice pruning works."""
     pytest.importorskip("triton")
-    from mmft.kernels import _triton_common as tc
+    from mmft.loss.kernels import _triton_common as tc
 
     smem = {8: 160 * 1024, 9: 224 * 1024}  # A100 / H100 per-block limits (bytes)
     for major, limit in smem.items():

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmft import loss as L
+from mmft.loss import contrastive as L
 
 WORLD, LOCAL, D_IN, D = 2, 9, 12, 16
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmft import loss as L
+from mmft.loss import contrastive as L
 
 pytest.importorskip("triton")
 

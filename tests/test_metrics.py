@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mmft import metrics as M
-from mmft.evaluation import direction_results
+from mmft.evaluation import metrics as M
+from mmft.evaluation.core import direction_results
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_timm_hf_config
 
 from mmft.config import ModelConfig
-from mmft.models import ModelLoadError, create_model, model_identity, packaged_tower_paths
+from mmft.model.factory import ModelLoadError, create_model, model_identity, packaged_tower_paths
 
 
 def test_mmft_mini_loads_packaged_image_weights():
@@ -25,7 +25,7 @@ def test_mmft_mini_imagenet_head_recognises_a_synthetic_class():
     """The packaged file's classifier, loaded into timm's model, is a working ImageNet head."""
     import timm
 
-    from mmft.models import load_packaged_efficientnet
+    from mmft.model.factory import load_packaged_efficientnet
 
     net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000).eval()
     n = load_packaged_efficientnet(net, packaged_tower_paths()[0])
@@ -111,7 +111,7 @@ def test_model_config_folder_is_removed_at_exit(tmp_path):
     # Registering a custom architecture writes a JSON config for open_clip; the folder must not outlive
     # the process (one leaked folder per training or eval run adds up).
     script = (
-        "import sys, mmft.models as m\n"
+        "import sys, mmft.model.factory as m\n"
         "m.register_model_config('mmft-exit-check', {'embed_dim': 8})\n"
         "print(m._REGISTRY_DIR)\n"
         "assert (m._REGISTRY_DIR / 'mmft-exit-check.json').is_file()\n"
@@ -126,8 +126,8 @@ def test_trimmed_tokens_give_the_features_of_full_length_tokens():
     # Fast path (batches cut at their longest caption) against the reference (padded to the context
     # length), on mmft-mini's real MiniLM tower with mean pooling, also with LoRA on the text tower.
     from mmft.config import LoraConfig
-    from mmft.lora import apply_lora
-    from mmft.models import PaddingTrimTokenizer
+    from mmft.model.lora import apply_lora
+    from mmft.model.factory import PaddingTrimTokenizer
 
     model, _, _, tokenizer = create_model(ModelConfig())
     assert isinstance(tokenizer, PaddingTrimTokenizer)

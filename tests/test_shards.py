@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mmft.shards import (
+from mmft.data.shard_writer import (
     ShardError,
     assign_splits,
     brace_pattern,

@@ -12,9 +12,9 @@ import torch
 from conftest import TINY_VIT, eval_batches, make_pairs, pair_batches
 
 from mmft.config import Config, LoraConfig, ModelConfig, TrainConfig
-from mmft.models import create_model
-from mmft.trainer import train
-from mmft.validate import retrieval_recall
+from mmft.model.factory import create_model
+from mmft.training.trainer import train
+from mmft.training.validate import retrieval_recall
 
 
 def _cfg(tmp_path, **train_kw) -> Config:
@@ -53,7 +53,7 @@ def test_training_lowers_loss_and_raises_recall(tmp_path):
 def test_frozen_parameters_do_not_move(tmp_path):
     cfg = _cfg(tmp_path, steps=5)
     model, tok, batches, _ = _data(cfg, n=32)
-    from mmft.lora import apply_lora
+    from mmft.model.lora import apply_lora
 
     apply_lora(model, cfg.lora)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
@@ -75,7 +75,7 @@ def test_resume_reaches_the_same_parameters(tmp_path):
     part = _cfg(tmp_path / "b", steps=12, checkpoint_every=4)
     m1, tok1, b1, _ = _data(part, n=48)
     # first run: dies right after writing its step-8 checkpoint
-    from mmft import trainer as train_mod
+    from mmft.training import trainer as train_mod
 
     class Stop(Exception):
         pass
@@ -107,7 +107,7 @@ def test_groups_reach_the_loss(tmp_path, monkeypatch):
     model, _, pv, tok = create_model(cfg.model)
     batches = pair_batches(pv, tok, make_pairs(32), 16, with_groups=True)
     seen = []
-    import mmft.loss as loss_mod
+    import mmft.loss.contrastive as loss_mod
 
     real = loss_mod.contrastive_loss
 
@@ -153,7 +153,7 @@ def test_killed_process_resumes_from_its_checkpoint(tmp_path):
     script.write_text(f"""
 import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_trainer import _cfg, _data
-from mmft.trainer import train
+from mmft.training.trainer import train
 from pathlib import Path
 cfg = _cfg(Path({str(tmp_path)!r}), steps=400, checkpoint_every=2, keep_checkpoints=2)
 model, tok, batches, _ = _data(cfg, n=32)
@@ -192,7 +192,7 @@ def test_load_model_returns_the_trained_model(tmp_path):
     pairs = make_pairs(32)
     run = train(cfg, train_data=pair_batches(pv, tok, pairs, 16), val_data=eval_batches(pv, pairs),
                 model=model, tokenizer=tok)
-    from mmft.adapter import load_model
+    from mmft.model.adapter import load_model
 
     loaded = load_model(run, adapter="last")
     model.eval()
@@ -205,13 +205,13 @@ def test_load_model_returns_the_trained_model(tmp_path):
 
 def test_package_level_api_is_the_functions():
     import mmft
-    import mmft.adapter  # importing modules must not shadow the public functions of the same pipeline stage
+    import mmft.model.adapter  # importing modules must not shadow the public functions of the same pipeline stage
     import mmft.embeddings
-    import mmft.evaluation
-    import mmft.trainer
+    import mmft.evaluation.core
+    import mmft.training.trainer
 
-    assert mmft.train is mmft.trainer.train and mmft.embed is mmft.embeddings.embed
-    assert mmft.evaluate is mmft.evaluation.evaluate
+    assert mmft.train is mmft.training.trainer.train and mmft.embed is mmft.embeddings.embed
+    assert mmft.evaluate is mmft.evaluation.core.evaluate
     assert set(mmft.__all__) >= {"load_config", "create_model", "apply_lora", "merge_lora", "save_adapter",
                                  "load_adapter", "export", "contrastive_loss", "train", "load_model"}
 

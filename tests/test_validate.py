@@ -1,6 +1,6 @@
 import torch
 
-from mmft.validate import recall_from_embeddings
+from mmft.training.validate import recall_from_embeddings
 
 
 def _brute(img, txt, owner, groups, k):

@@ -61,8 +61,8 @@ def write_shards(images: list[bytes], fmt: str, out_dir: str, per_shard: int = 2
 
 
 def load_image_bytes(spec: str, limit: int) -> list[bytes]:
-    from mmft import data_stages as st
-    from mmft.data import expand_specs
+    from mmft.data import stages as st
+    from mmft.data.stream import expand_specs
 
     out = []
     for sample in st.read_shards(expand_specs(spec), st.SkipStats()):
@@ -78,7 +78,7 @@ def _decode_resize(chunk: tuple[list[bytes], int, int]) -> int:
     """The limit's unit of work: decode (JPEG draft as in the pipeline) and resize to the model size."""
     from PIL import Image
 
-    from mmft import data_stages as st
+    from mmft.data import stages as st
 
     images, size, draft = chunk
     for data in images:
@@ -128,9 +128,9 @@ def breakdown(spec: str, images: list[bytes], size: int, batch_size: int, tokeni
     import torch
     from PIL import Image
 
-    from mmft import data_stages as st
-    from mmft.data import expand_specs
-    from mmft.data_transforms import TrainTransform
+    from mmft.data import stages as st
+    from mmft.data.stream import expand_specs
+    from mmft.data.augment import TrainTransform
 
     torch.set_num_threads(1)
     tf = TrainTransform(size, (0.5,) * 3, (0.5,) * 3)
@@ -160,7 +160,7 @@ def pipeline_rate(spec: str, repeat: int, workers: int, size: int, batch_size: i
     from torchvision import transforms as T
 
     from mmft.config import DataConfig
-    from mmft.data import train_loader, train_transform
+    from mmft.data.stream import train_loader, train_transform
 
     cfg = DataConfig(train=[spec] * repeat, batch_size=batch_size, num_workers=workers, shuffle_buffer=1000)
     if generic:  # what an open_clip preprocess_train costs (per-sample ToTensor + Normalize)
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--generic", action="store_true", help="also time a plain torchvision preprocess")
     args = p.parse_args(argv)
 
-    from mmft.data_transforms import TrainTransform
+    from mmft.data.augment import TrainTransform
 
     tokenizer, tok_name = load_tokenizer()
     workers = sorted({int(w) for w in args.workers.split(",")})

@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmft.index import (
+from mmft.index.core import (
     default_factory,
     default_nlist,
     default_nprobe,

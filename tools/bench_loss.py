@@ -52,7 +52,7 @@ def _loss_fn(kind: str, impl: str):
         if kind == "infonce":
             return lambda x, y, s, b: ClipLoss()(x, y, s)
         return lambda x, y, s, b: SigLipLoss(rank=0, world_size=1)(x, y, s, b)
-    from mmft.loss import contrastive_loss, sigmoid_loss
+    from mmft.loss.contrastive import contrastive_loss, sigmoid_loss
 
     fn = contrastive_loss if kind == "infonce" else sigmoid_loss
     return lambda x, y, s, b: fn(x, y, s, b, impl=impl)

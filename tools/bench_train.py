@@ -23,7 +23,7 @@ Measured the same way for both:
   of the summed VmRSS (double-counts pages the forked workers share with the trainer), the peak of the
   summed PSS (shared pages split between processes, polled every 1 s), and the trainer's own VmHWM.
 - domain recall after training: text->image and image->text R@1/R@5 on the eval shards with
-  mmft.validate.retrieval_recall, for the untrained base, open_clip's final checkpoint and mmft's adapter.
+  mmft.training.validate.retrieval_recall, for the untrained base, open_clip's final checkpoint and mmft's adapter.
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ class StepClock:
 
 
 def child_open_clip(spec: dict) -> dict:
-    from mmft.models import mini_model_config, register_model_config
+    from mmft.model.factory import mini_model_config, register_model_config
 
     clock = StepClock()
     # open_clip resolves --model through its registry, so mmft-mini's config must be in it first.
@@ -84,7 +84,7 @@ def child_open_clip(spec: dict) -> dict:
 def child_mmft(spec: dict) -> dict:
     clock = StepClock()
     from mmft.config import ModelConfig, load_config
-    from mmft.trainer import train
+    from mmft.training.trainer import train
 
     cfg = load_config(None, spec.get("mmft_set", []))  # the defaults, or a recipe variant to compare
     cfg.model = ModelConfig(name="mmft-mini", image_size=spec["image_size"], pretrained=spec["base"])
@@ -220,7 +220,7 @@ def steady(res: dict, mon: TreeMonitor, batch: int, skip: int) -> dict:
 
 def write_tsv(shards: list[str], out_dir: Path) -> tuple[Path, int]:
     """Extract the shards' images and write open_clip's TSV (filepath, title = first caption). -> (tsv, rows)."""
-    from mmft import data_stages as st
+    from mmft.data import stages as st
 
     img_dir = out_dir / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -248,7 +248,7 @@ def export_base(image_size: int, path: Path) -> int:
     import torch
 
     from mmft.config import ModelConfig
-    from mmft.models import create_model
+    from mmft.model.factory import create_model
 
     torch.manual_seed(0)
     model = create_model(ModelConfig(name="mmft-mini", image_size=image_size))[0]
@@ -272,11 +272,11 @@ def evaluate(a, base: Path, oc_ckpt: Path, run_dir: Path) -> dict:
     """Recall on the eval shards of the untrained base, open_clip's final checkpoint and mmft's adapter."""
     import torch
 
-    from mmft.adapter import load_model
+    from mmft.model.adapter import load_model
     from mmft.config import DataConfig, ModelConfig
-    from mmft.data import eval_loader
-    from mmft.models import create_model
-    from mmft.validate import retrieval_recall
+    from mmft.data.stream import eval_loader
+    from mmft.model.factory import create_model
+    from mmft.training.validate import retrieval_recall
 
     model, _, preprocess, tokenizer = create_model(ModelConfig(name="mmft-mini", image_size=a.image_size,
                                                                pretrained=str(base)))
@@ -387,8 +387,8 @@ def parse_args(argv):
 
 def expand_or_exit(a) -> list[str]:
     """The training shard paths; a missing shard or eval shard ends the script with one sentence."""
-    from mmft.data import expand_specs
-    from mmft.data_stages import DataError
+    from mmft.data.stream import expand_specs
+    from mmft.data.stages import DataError
 
     try:
         # the trainers run in the work folder: local paths must not depend on this process's cwd

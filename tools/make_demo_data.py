@@ -6,7 +6,7 @@
 """
 import sys
 
-from mmft.demo_data import main
+from mmft.demo.datasets import main
 
 if __name__ == "__main__":
     sys.exit(main())

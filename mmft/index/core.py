@@ -1,0 +1,403 @@
+"""FAISS search indexes over unit-norm embeddings, saved with a manifest that pins the model.
+
+    index = build_index(emb, "runs/x/index", index_cfg=IndexConfig())   # image gallery of `emb`
+    scores, ids = index.search_text(["a red apple"], model, tokenizer, k=5)   # (1, 5) each
+    index = load_index("runs/x/index", model=model)   # refuses a model that embeds differently
+
+Inner product on L2-normalised vectors (= cosine). A saved index is a directory: `index.faiss` (always
+the CPU form), `ids.json` and `manifest.json` (written last, so its presence marks a complete index).
+The manifest pins the base-model identity, the adapter sha256 and the LoRA scale: an index queried
+with another model returns silently wrong neighbours, so loading refuses it in a sentence.
+faiss is imported on first use; GPU FAISS is used when installed and a GPU is visible.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmft.config import IndexConfig
+from mmft.index.faiss_backend import (  # noqa: F401  (re-exported: the FAISS helpers belong to the index API)
+    FLAT_MAX,
+    apply_fp16,
+    default_factory,
+    default_nlist,
+    default_nprobe,
+    extract_ivf,
+    faiss_module,
+    new_faiss_index,
+    set_search_params,
+    to_cpu,
+    to_gpu,
+    unit_rows,
+)
+from mmft.io import atomic_path, write_json
+
+INDEX_FORMAT = 1
+INDEX_FILE, IDS_FILE, MANIFEST_FILE = "index.faiss", "ids.json", "manifest.json"
+
+
+class IndexLoadError(RuntimeError):
+    """An index directory that is missing, corrupt or inconsistent; the message says what to do."""
+
+
+class StaleIndexError(IndexLoadError):
+    """An index built with another model, adapter or LoRA scale than the one querying it."""
+
+
+def _describe(state: dict) -> str:
+    """'base mmft-mini (packaged-towers, sha256 1a2b3c4d…) with adapter 9f8e7d6c… at LoRA scale 0.5'."""
+    ident = state.get("model")
+    if ident is None:
+        base = "an unidentified base model"
+    else:
+        sha = f", sha256 {ident['sha256'][:8]}…" if ident.get("sha256") else ""
+        base = f"base {ident.get('name')} ({ident.get('pretrained') or 'random init'}{sha})"
+    if state.get("adapter_sha256") is None:
+        return base + " with no adapter (or at LoRA scale 0)"
+    return f"{base} with adapter sha256 {state['adapter_sha256'][:12]}… at LoRA scale {state['lora_scale']:g}"
+
+
+def check_fingerprint(manifest: dict, current: dict, where: str) -> None:
+    """Refuse (StaleIndexError) when `current` (model_fingerprint) is not what the index was built with."""
+    built = {k: manifest.get(k) for k in ("model", "adapter_sha256", "lora_scale")}
+    diffs = []
+    if built["model"] != current["model"]:
+        diffs.append("the base model")
+    if built["adapter_sha256"] != current["adapter_sha256"]:
+        diffs.append("the adapter")
+    elif built["lora_scale"] is not None and not math.isclose(built["lora_scale"], current["lora_scale"]):
+        diffs.append("the LoRA scale")
+    if diffs:
+        raise StaleIndexError(
+            f"index in {where} was built with {_describe(built)}, but the model is {_describe(current)} "
+            f"({' and '.join(diffs)} {'differ' if len(diffs) > 1 else 'differs'}): rebuild the index with "
+            "`mmft index build` or load the matching adapter and scale")
+
+
+@dataclass(repr=False)
+class Index:
+    """A FAISS index with the id of every row and the manifest describing how it was built."""
+
+    index: Any  # faiss index (CPU or GPU)
+    ids: np.ndarray  # (N,) str: gallery ids in row order
+    manifest: dict
+    path: Path | None = None
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        probe = f", nprobe {m['nprobe']}" if m.get("nprobe") else ""
+        kind = "" if m.get("modality") in (None, "vectors") else f"{m['modality']} "
+        return (f"Index({self.ntotal:,} {kind}vectors of dim {self.dim}, "
+                f"{m.get('factory')}{probe}, {self.path or 'in memory'})")
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def check_model(self, model) -> None:
+        """Raise StaleIndexError unless `model` embeds as the model this index was built with."""
+        from mmft.embeddings import model_fingerprint
+
+        check_fingerprint(self.manifest, model_fingerprint(model), str(self.path or "memory"))
+
+    def search(self, queries: np.ndarray, k: int = 10, *, nprobe: int | None = None, ef_search: int | None = None,
+               batch_size: int = 16_384) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of each query row (Q, D) -> (scores (Q, k) float32, ids (Q, k) str; '' / -inf past the end)."""
+        if nprobe or ef_search:
+            set_search_params(self.index, nprobe=nprobe, ef_search=ef_search)
+        scores, rows = self.search_rows(queries, k, batch_size=batch_size)
+        ids = np.where(rows >= 0, self.ids[np.maximum(rows, 0)] if len(self.ids) else "", "")
+        return scores, ids
+
+    def search_rows(self, queries: np.ndarray, k: int, *,
+                    batch_size: int = 16_384) -> tuple[np.ndarray, np.ndarray]:
+        """Like `search` but returns gallery row numbers (Q, k) int64 (-1 and -inf past the end)."""
+        queries = np.atleast_2d(np.asarray(queries))
+        if queries.shape[1] != self.dim:
+            where = self.path or "memory"
+            raise ValueError(f"queries have dimension {queries.shape[1]} but the index in {where} "
+                             f"holds {self.dim}-d vectors: embed queries with the model the index was built with")
+        k = int(k)
+        scores = np.empty((len(queries), k), np.float32)  # (Q, k)
+        rows = np.empty((len(queries), k), np.int64)  # (Q, k)
+        for s in range(0, len(queries), batch_size):
+            scores[s:s + batch_size], rows[s:s + batch_size] = self.index.search(
+                unit_rows(queries[s:s + batch_size]), k)
+        scores[rows < 0] = -np.inf
+        return scores, rows
+
+    def search_text(self, texts: list[str] | str, model, tokenizer, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Embed query texts with `model` (checked against the manifest) and search: (Q, k) scores and ids."""
+        from mmft.embeddings import encode_texts
+
+        self.check_model(model)
+        return self.search(encode_texts(model, tokenizer, [texts] if isinstance(texts, str) else list(texts)), k)
+
+    def search_image(self, images, model, preprocess=None, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Embed query images (tensor, PIL images or paths) with `model` (checked) and search."""
+        from mmft.embeddings import encode_images
+
+        self.check_model(model)
+        return self.search(encode_images(model, images, preprocess=preprocess), k)
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write index.faiss (CPU form), ids.json, then manifest.json, each atomically."""
+        faiss = faiss_module()
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # a half-replaced index must not load
+        with atomic_path(out_dir / INDEX_FILE) as tmp:
+            faiss.write_index(to_cpu(self.index), str(tmp))
+        with atomic_path(out_dir / IDS_FILE) as tmp:
+            tmp.write_text(json.dumps([str(i) for i in self.ids]))
+        self.manifest["files"] = {n: (out_dir / n).stat().st_size for n in (INDEX_FILE, IDS_FILE)}
+        write_json(out_dir / MANIFEST_FILE, self.manifest)
+        self.path = out_dir
+        return out_dir
+
+
+def _gallery(source, ids, modality: str | None) -> tuple[np.ndarray, np.ndarray, str, dict | None]:
+    """(vectors (N, D), ids (N,), modality, fingerprint or None) from Embeddings or a plain array."""
+    from mmft.embeddings import Embeddings
+
+    if isinstance(source, Embeddings):
+        modality = modality or "image"
+        if modality not in ("image", "text"):
+            raise ValueError(f"modality={modality!r}: an Embeddings gallery is 'image' or 'text'")
+        vectors = source.image if modality == "image" else source.text
+        if ids is None and modality == "image":
+            ids = source.keys
+        elif ids is None:  # caption j of image `key` -> "key/j"
+            seen: dict[int, int] = {}
+            ids = []
+            for i in np.asarray(source.caption_image).tolist():
+                seen[i] = seen.get(i, -1) + 1
+                ids.append(f"{source.keys[i]}/{seen[i]}")
+        fp = {k: source.meta.get(k) for k in ("model", "adapter_sha256", "lora_scale")} if source.meta else None
+        return vectors, ids, modality, fp
+    vectors = np.asarray(source) if not isinstance(source, np.memmap) else source
+    if vectors.ndim != 2:
+        raise ValueError(f"index vectors must be a 2-d array (N, D), got shape {vectors.shape}")
+    return vectors, ids, modality or "vectors", None
+
+
+def build_index(source, out_dir: str | Path | None = None, *, ids=None, model=None,
+                index_cfg: IndexConfig | None = None, modality: str | None = None, ef_search: int | None = None,
+                seed: int = 0, progress: bool = False, extra: dict | None = None) -> Index:
+    """Build a FAISS index over Embeddings (image rows by default, or modality="text") or vectors (N, D).
+
+    The manifest pins the model: taken from the Embeddings, or from `model` for plain vectors (a model
+    given with Embeddings must match them). index_cfg.factory "" picks `default_factory(N)`;
+    index_cfg.fp16 stores float16; IVF/PQ train on index_cfg.train_sample rows; saved when out_dir is set.
+    """
+    from mmft import __version__
+    from mmft.embeddings import model_fingerprint
+
+    cfg = index_cfg or IndexConfig()
+    vectors, ids, modality, fp = _gallery(source, ids, modality)
+    n, dim = vectors.shape
+    if n == 0 or dim == 0:
+        raise ValueError(f"cannot build an index over an empty {modality} gallery (shape {vectors.shape}); "
+                         "embed the gallery with that modality first")
+    ids = np.asarray([str(i) for i in ids] if ids is not None else [str(i) for i in range(n)])
+    if len(ids) != n:
+        raise ValueError(f"{len(ids)} ids for {n} vectors: give exactly one id per gallery row")
+    if model is not None:
+        current = model_fingerprint(model)
+        if fp is not None and fp.get("model") is not None:
+            check_fingerprint(fp, current, "these embeddings")
+        fp = current
+    fp = fp or {"model": None, "adapter_sha256": None, "lora_scale": None}
+    factory = cfg.factory or default_factory(n)
+    factory = apply_fp16(factory) if cfg.fp16 else factory
+    start = time.time()
+    index = new_faiss_index(vectors, factory, train_sample=cfg.train_sample, seed=seed, use_gpu=cfg.use_gpu,
+                            progress=progress)
+    ivf = extract_ivf(index)
+    nprobe = (cfg.nprobe or default_nprobe(ivf.nlist)) if ivf is not None else None
+    ef_search = ef_search or (64 if "HNSW" in factory else None)
+    set_search_params(index, nprobe=nprobe, ef_search=ef_search)
+    manifest = {
+        "format": INDEX_FORMAT, "mmft_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **fp, "dim": int(dim), "count": int(n), "metric": "inner_product", "normalized": True,
+        "factory": factory, "nprobe": nprobe, "ef_search": ef_search, "modality": modality,
+        "dtype": "float16" if "fp16" in factory else "float32",
+        "build_seconds": round(time.time() - start, 3), **(extra or {}),
+    }
+    out = Index(index=index, ids=ids, manifest=manifest)
+    if out_dir is not None:
+        out.save(out_dir)
+    return out
+
+
+def _read_manifest(path: Path) -> dict:
+    if not path.is_dir():
+        raise IndexLoadError(f"no index at {path}: the folder does not exist; build one with `mmft index build`")
+    man = path / MANIFEST_FILE
+    if not man.is_file():
+        raise IndexLoadError(f"no complete index in {path}: {MANIFEST_FILE} is missing (an interrupted build?); "
+                             "rebuild it with `mmft index build`")
+    try:
+        manifest = json.loads(man.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IndexLoadError(f"{man} is corrupt ({e}); rebuild the index with `mmft index build`") from None
+    if manifest.get("format", 0) > INDEX_FORMAT:
+        raise IndexLoadError(f"index in {path} has format {manifest.get('format')}, newer than this mmft reads "
+                             f"({INDEX_FORMAT}): upgrade mmft or rebuild the index")
+    for name, size in (manifest.get("files") or {}).items():
+        f = path / name
+        if not f.is_file():
+            raise IndexLoadError(f"index in {path} is incomplete: {name} is missing; rebuild it with "
+                                 "`mmft index build`")
+        if f.stat().st_size != size:
+            raise IndexLoadError(f"{f} has {f.stat().st_size} bytes but the manifest records {size}: the index "
+                                 "directory is damaged or half-replaced; rebuild it with `mmft index build`")
+    return manifest
+
+
+def load_index(path: str | Path, model=None, *, use_gpu: str = "auto") -> Index:
+    """Open a saved index; with `model`, refuse (StaleIndexError) one built with another model/adapter/scale."""
+    faiss = faiss_module()
+    path = Path(path)
+    manifest = _read_manifest(path)
+    try:
+        # IO_FLAG_ONDISK_SAME_DIR: an on-disk merged index finds index.ivfdata beside it, wherever moved
+        index = faiss.read_index(str(path / INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[-1][:120]
+        raise IndexLoadError(f"{path / INDEX_FILE} is not a readable FAISS index ({reason}); rebuild it with "
+                             "`mmft index build`") from None
+    try:
+        ids = np.asarray(json.loads((path / IDS_FILE).read_text()))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IndexLoadError(f"{path / IDS_FILE} is missing or corrupt ({e}); rebuild the index") from None
+    if not (index.ntotal == len(ids) == manifest.get("count")) or index.d != manifest.get("dim"):
+        raise IndexLoadError(
+            f"index in {path} is inconsistent: {INDEX_FILE} holds {index.ntotal} vectors of dim {index.d}, "
+            f"{IDS_FILE} lists {len(ids)} ids, the manifest says {manifest.get('count')} of dim "
+            f"{manifest.get('dim')}; rebuild it with `mmft index build`")
+    out = Index(index=index, ids=ids, manifest=manifest, path=path)
+    if model is not None:
+        out.check_model(model)
+    out.index = index if manifest.get("ondisk") else to_gpu(index, use_gpu)  # on-disk lists stay on disk
+    set_search_params(out.index, nprobe=manifest.get("nprobe"), ef_search=manifest.get("ef_search"))
+    return out
+
+
+# ---------------------------------------------------------------- one call per CLI verb
+
+
+def build_index_from_model(model, shards, out_dir: str | Path, *, tokenizer=None, preprocess=None,
+                           index_cfg: IndexConfig | None = None, data_cfg=None, modality: str = "image",
+                           batch_size: int = 128, keep_embeddings: bool = False, progress: bool = True,
+                           extra: dict | None = None) -> Index:
+    """Embed the gallery `shards` with `model` at index_cfg.lora_scale and save an index in `out_dir`.
+
+    Vectors stream to out_dir/embeddings (kept with keep_embeddings, else removed after the build).
+    The model's LoRA scale is restored afterwards.
+    """
+    import shutil
+
+    from mmft.embeddings import embed
+    from mmft.model.lora import get_lora_scale, set_lora_scale
+
+    cfg = index_cfg or IndexConfig()
+    out_dir = Path(out_dir)
+    has_adapter = getattr(model, "mmft_lora", None) is not None
+    old_scale = get_lora_scale(model)
+    emb_dir = out_dir / "embeddings"
+    try:
+        if has_adapter:
+            set_lora_scale(model, cfg.lora_scale)
+        emb = embed(model, shards, tokenizer=tokenizer, preprocess=preprocess, data_cfg=data_cfg,
+                    batch_size=batch_size, fp16=cfg.fp16, out_dir=emb_dir, modality=modality, progress=progress)
+        specs = [shards] if isinstance(shards, (str, Path)) else shards
+        is_specs = isinstance(specs, (list, tuple)) and all(isinstance(s, (str, Path)) for s in specs)
+        source = {"shards": [str(s) for s in specs] if is_specs else "in-memory batches"}
+        index = build_index(emb, out_dir, index_cfg=cfg, modality=modality, progress=progress,
+                            extra={"source": {**source, **(extra or {})}})
+    finally:
+        if has_adapter:
+            set_lora_scale(model, old_scale)
+        if not keep_embeddings:
+            shutil.rmtree(emb_dir, ignore_errors=True)
+    return index
+
+
+def build_index_from_run(run_dir: str | Path, shards, out_dir: str | Path | None = None,
+                         index_cfg: IndexConfig | None = None, *, data_cfg=None, modality: str = "image",
+                         batch_size: int = 128, keep_embeddings: bool = False, progress: bool = True) -> Index:
+    """`mmft index build`: load base + adapter from a training run, embed `shards`, save the index.
+
+    out_dir defaults to run_dir/index. The manifest records run_dir so `query_index` can find the model.
+    """
+    from mmft.model.adapter import load_model
+
+    model, preprocess, tokenizer = load_model(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "index"
+    return build_index_from_model(model, shards, out_dir, tokenizer=tokenizer, preprocess=preprocess,
+                                  index_cfg=index_cfg, data_cfg=data_cfg, modality=modality,
+                                  batch_size=batch_size,
+                                  keep_embeddings=keep_embeddings, progress=progress,
+                                  extra={"run_dir": str(Path(run_dir).resolve())})
+
+
+def _model_for(index_dir: Path, manifest: dict, model):
+    """(model, preprocess, tokenizer) from a model triple/object, a run directory, or the manifest's run_dir."""
+    if model is None:
+        model = (manifest.get("source") or {}).get("run_dir")
+        if model is None:
+            raise ValueError(f"index in {index_dir} records no run directory: pass the run directory or model "
+                             "that built it")
+    if isinstance(model, (str, Path)):
+        from mmft.model.adapter import adapter_digest, load_model
+        from mmft.model.lora import set_lora_scale
+
+        m, preprocess, tokenizer = load_model(model)
+        # A freshly loaded run sits at scale 1; the same adapter at the index's scale embeds as the index did.
+        if manifest.get("adapter_sha256") is None and getattr(m, "mmft_lora", None) is not None:
+            set_lora_scale(m, 0.0)
+        elif manifest.get("adapter_sha256") == adapter_digest(m):
+            set_lora_scale(m, manifest["lora_scale"])
+        return m, preprocess, tokenizer
+    if isinstance(model, tuple):
+        return model
+    return model, None, None
+
+
+def query_index(index_dir: str | Path, model=None, *, text=None, image=None, vector=None, k: int = 10,
+                tokenizer=None, preprocess=None) -> list[list[dict]]:
+    """`mmft index query`: top-k gallery ids for text(s), image path(s)/PIL image(s) or vector(s).
+
+    model: a run directory (loaded at the index's LoRA scale), a model (checked against the manifest),
+    a (model, preprocess, tokenizer) triple, or None to load the run directory recorded in the manifest.
+    Returns one list per query of {"rank", "id", "score"}.
+    """
+    index_dir = Path(index_dir)
+    given = sum(x is not None for x in (text, image, vector))
+    if given != 1:
+        raise ValueError("query_index takes exactly one of text=, image= or vector=")
+    if vector is not None:
+        index = load_index(index_dir)
+        scores, ids = index.search(np.atleast_2d(np.asarray(vector, dtype=np.float32)), k)
+    else:
+        m, pre, tok = _model_for(index_dir, _read_manifest(index_dir), model)
+        index = load_index(index_dir, model=m)
+        if text is not None:
+            scores, ids = index.search_text(text, m, tokenizer or tok, k)
+        else:
+            # a (B, 3, S, S) tensor passes as is; one path or PIL image becomes a list of one
+            images = image if hasattr(image, "shape") or isinstance(image, (list, tuple)) else [image]
+            scores, ids = index.search_image(images, m, preprocess or pre, k)
+    return [[{"rank": r + 1, "id": str(i), "score": float(s)} for r, (i, s) in enumerate(zip(row_i, row_s))
+             if i != ""] for row_i, row_s in zip(ids, scores)]

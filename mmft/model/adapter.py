@@ -1,0 +1,217 @@
+"""Trained adapters as artifacts: save/load (safetensors + JSON), export to plain open_clip, load a run.
+
+An adapter directory holds `adapter_model.safetensors` (LoRA A/B matrices and the fully trained
+parameters such as projections and temperature) and `adapter_config.json` (LoRA config, adapted
+modules, and the identity of the base model it was trained on). Loading onto another base is refused.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from mmft import __version__
+from mmft.config import LoraConfig, config_from_dict, to_dict
+from mmft.io import atomic_path, write_json
+from mmft.model.lora import apply_lora, get_lora_scale, merge_lora, set_lora_scale, tuned_full_params
+from mmft.model.factory import MMFT_MINI, create_model, model_identity
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+FORMAT = "mmft-lora-1"
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter that does not belong to the model it is loaded onto."""
+
+
+def adapter_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """LoRA matrices and fully trained parameters (at scale 1), keyed by parameter name."""
+    if getattr(model, "mmft_lora", None) is None:
+        raise ValueError("this model has no adapter (apply_lora first)")
+    out = {n: p.detach() for n, p in model.named_parameters() if ".lora_" in n}
+    out.update(tuned_full_params(model))
+    return {n: t.contiguous().cpu() for n, t in sorted(out.items())}
+
+
+def adapter_digest(model: torch.nn.Module) -> str | None:
+    """sha256 over the adapter tensors (names, shapes, bytes); None when the model has no adapter."""
+    if getattr(model, "mmft_lora", None) is None:
+        return None
+    h = hashlib.sha256()
+    for name, t in adapter_tensors(model).items():
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_adapter(model: torch.nn.Module, out_dir: str | Path) -> Path:
+    """Write the adapter of `model` to `out_dir` (both files atomically). Returns the directory."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    tensors = adapter_tensors(model)
+    state = model.mmft_lora
+    with atomic_path(out_dir / ADAPTER_WEIGHTS) as tmp:
+        save_file(tensors, str(tmp))
+    write_json(out_dir / ADAPTER_CONFIG, {
+        "format": FORMAT,
+        "mmft_version": __version__,
+        "base_model": model_identity(model),
+        "lora": to_dict(state["config"]),
+        "adapted": state["adapted"],
+        "full": state["full"],
+        "digest": adapter_digest(model),
+    })
+    return out_dir
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"no adapter in '{adapter_dir}': {ADAPTER_CONFIG} is missing")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise AdapterMismatchError(f"'{path}' is not an mmft adapter (format {meta.get('format')!r}, expected {FORMAT})")
+    return meta
+
+
+def _describe(ident: dict) -> str:
+    sha = (ident.get("sha256") or "")[:12]
+    return f"{ident.get('name')} / {ident.get('pretrained') or 'random init'}" + (f" (sha256 {sha}…)" if sha else "")
+
+
+def check_identity(expected: dict, model: torch.nn.Module, what: str) -> None:
+    """Refuse with one sentence when `model`'s base identity differs from `expected`."""
+    actual = model_identity(model)
+    diffs = [k for k in ("name", "pretrained", "sha256", "arch") if expected.get(k) != actual.get(k)]
+    if diffs:
+        raise AdapterMismatchError(
+            f"{what} was trained on base {_describe(expected)}, but the model is {_describe(actual)} "
+            f"({', '.join(diffs)} differ); load it onto the base it was trained on"
+        )
+
+
+@torch.no_grad()
+def load_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, partial: bool = False) -> torch.nn.Module:
+    """Apply LoRA as recorded in `adapter_dir` (if the model has none yet) and load its tensors.
+
+    partial=True loads only the tensors the model's own adapter layout also has (e.g. the heads of a
+    head-only run as the starting point of a LoRA run) and leaves the rest as they are.
+    """
+    from safetensors.torch import load_file
+
+    meta = read_adapter_config(adapter_dir)
+    check_identity(meta["base_model"], model, f"the adapter in '{adapter_dir}'")
+    if getattr(model, "mmft_lora", None) is None:
+        apply_lora(model, config_from_dict({"lora": meta["lora"]}).lora)
+    tensors = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
+    params = dict(model.named_parameters())
+    expected = {n for n in params if ".lora_" in n} | set(model.mmft_lora["full"])
+    if partial:
+        tensors = {n: t for n, t in tensors.items() if n in expected}
+        if not tensors:
+            raise AdapterMismatchError(f"the adapter in '{adapter_dir}' shares no tensor with this model's adapter")
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if (missing and not partial) or unexpected:
+        raise AdapterMismatchError(
+            f"the adapter in '{adapter_dir}' does not fit this model's LoRA layout "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); was it saved with another lora config?"
+        )
+    scale = get_lora_scale(model)
+    if scale != 1.0:
+        set_lora_scale(model, 1.0)
+    for name, t in tensors.items():
+        if params[name].shape != t.shape:
+            raise AdapterMismatchError(f"adapter tensor {name} has shape {tuple(t.shape)}, "
+                                       f"the model needs {tuple(params[name].shape)}")
+        params[name].copy_(t)
+    if scale != 1.0:
+        set_lora_scale(model, scale)
+    return model
+
+
+def export(model: torch.nn.Module, path: str | Path, *, lora_scale: float | None = None) -> Path:
+    """Save a merged plain open_clip state dict to `path`, with `<stem>.json` and `<stem>.mmft.json` beside it.
+
+    `open_clip.create_model(name, pretrained=path)` loads it and embeds exactly like the adapted model at
+    `lora_scale` (default: its current scale). For custom towers (mmft-mini included) first register the
+    architecture with `open_clip.add_model_config("<stem>.json")` and use the name "<stem>"; the preprocessing
+    (mean/std, size) is in `<stem>.mmft.json`. `mmft.create_model(ModelConfig(name=..., pretrained=path))`
+    does all of that and is how an exported model becomes the base of the next fine-tune.
+    """
+    path = Path(path)
+    merged = copy.deepcopy(model)
+    if getattr(merged, "mmft_lora", None) is not None:
+        if lora_scale is not None:
+            set_lora_scale(merged, lora_scale)
+        merge_lora(merged)
+    state = {k: v.detach().cpu() for k, v in merged.state_dict().items()}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    model_cfg = getattr(model, "mmft_model_cfg", None)
+    if model_cfg is not None:
+        import open_clip
+
+        arch = open_clip.get_model_config(model_cfg.name)
+        if arch is not None:  # what open_clip.add_model_config needs for custom towers
+            write_json(path.with_suffix(".json"), arch)
+        write_json(path.with_suffix(".mmft.json"), {
+            "model_name": model_cfg.name,
+            "base_model": model_identity(model),
+            "adapter_digest": adapter_digest(model),
+            "lora_scale": get_lora_scale(model) if lora_scale is None else lora_scale,
+            "preprocess_cfg": dict(getattr(model.visual, "preprocess_cfg", {})),
+            "mmft_version": __version__,
+        })
+    return path
+
+
+class LoadedModel(NamedTuple):
+    model: torch.nn.Module
+    preprocess: object
+    tokenizer: object
+
+
+def load_model(run_dir: str | Path, *, adapter: str = "best", device: str | torch.device = "cpu") -> LoadedModel:
+    """Base model + adapter back from a training run directory, in eval mode, ready to embed.
+
+    `adapter` is "best" (best validation checkpoint), "last", or a path to an adapter directory.
+    """
+    from mmft.training.trainer import RUN_CONFIG
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / RUN_CONFIG
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"'{run_dir}' is not an mmft run directory ({RUN_CONFIG} is missing)")
+    from mmft.config import load_config
+
+    cfg = load_config(cfg_path)
+    adapter_dir = Path(adapter) if adapter not in ("best", "last") else run_dir / f"adapter-{adapter}"
+    if adapter == "best" and not adapter_dir.is_dir():
+        adapter_dir = run_dir / "adapter-last"
+    model, _, preprocess_val, tokenizer = create_model(cfg.model, device=device)
+    load_adapter(model, adapter_dir)
+    model.eval()
+    return LoadedModel(model, preprocess_val, tokenizer)
+
+
+def is_mini(model: torch.nn.Module) -> bool:
+    return model_identity(model)["name"] == MMFT_MINI
+
+
+__all__ = [
+    "AdapterMismatchError",
+    "LoadedModel",
+    "LoraConfig",
+    "adapter_digest",
+    "export",
+    "load_adapter",
+    "load_model",
+    "save_adapter",
+]
