@@ -27,10 +27,10 @@ QUICK_STAGE = {"domain_lora": ["data.epoch_samples=64"]}  # the replay mixture's
 
 
 def default_configs_dir() -> Path:
-    here = Path(__file__).resolve().parent.parent / "configs"
+    here = Path(__file__).resolve().parent / "configs"
     if not (here / "align.yaml").is_file():
-        raise FileNotFoundError("the demo configs (mmft/demo/configs/align.yaml ...) were not found beside the mmft package; "
-                                "run from a checkout of the project or pass --configs")
+        raise FileNotFoundError(f"the demo configs (align.yaml ...) are missing from {here}; reinstall mmft "
+                                "or pass --configs")
     return here
 
 
