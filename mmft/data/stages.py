@@ -15,6 +15,7 @@ import logging
 import random
 import re
 import tarfile
+import warnings
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -26,7 +27,7 @@ logger = logging.getLogger("mmft.data.stream")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # Reasons a sample (or a whole shard) is dropped; "topped_up" counts repeats that fill a short worker.
 SKIP_REASONS = (
-    "unreadable_shard", "truncated_shard", "missing_image", "bad_image",
+    "unreadable_shard", "truncated_shard", "unsafe_name", "missing_image", "bad_image", "oversized_image",
     "missing_caption", "empty_caption", "bad_text", "topped_up",
 )
 _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's rule: key = path up to the first dot
@@ -98,6 +99,16 @@ class SkipStats:
 # ---------------------------------------------------------------- shards -> raw samples
 
 
+def unsafe_name(name: str) -> bool:
+    """True for a member name that is absolute or climbs out of its folder ('..'): never a sample key.
+
+    Keys become ids in embeddings, indexes and search results, where a caller may well join them to
+    a folder; such names are refused where they enter, so no key can ever point outside it.
+    """
+    parts = name.replace("\\", "/").split("/")
+    return name.startswith(("/", "\\")) or ".." in parts
+
+
 def sample_key(name: str) -> tuple[str | None, str | None]:
     """'dir/000123.jpg' -> ('dir/000123', 'jpg'); metadata ('__x__') and names without a dot -> (None, None)."""
     base = name.rsplit("/", 1)[-1]
@@ -108,15 +119,21 @@ def sample_key(name: str) -> tuple[str | None, str | None]:
 
 
 def group_members(members: Iterable[tuple[str, bytes | None]], url: str = "",
-                  progress: dict | None = None) -> Iterator[dict]:
+                  progress: dict | None = None, stats: SkipStats | None = None) -> Iterator[dict]:
     """(name, data) tar members -> samples {"__key__", "__url__", ext: data}, grouping consecutive keys.
 
     A sample is yielded once the next key starts. If `members` fails, the sample in progress is
     yielded only when `progress["name"]` (the member being read) already belongs to the next key.
+    Members with unsafe names are dropped (counted once per key as "unsafe_name" in `stats`).
     """
-    current = None
+    current, refused = None, None
     try:
         for name, data in members:
+            if unsafe_name(name):
+                if stats is not None and sample_key(name)[0] != refused:
+                    stats.add("unsafe_name", example=f"'{name}' in {url}: absolute or '..' member name")
+                refused = sample_key(name)[0]
+                continue
             key, ext = sample_key(name)
             if key is None:
                 continue
@@ -133,20 +150,25 @@ def group_members(members: Iterable[tuple[str, bytes | None]], url: str = "",
         yield current
 
 
-def read_shard(url: str, stats: SkipStats) -> Iterator[dict]:
-    """Raw samples of one shard; an unreadable or truncated shard is counted and cut short, never raised."""
+def read_shard(url: str, stats: SkipStats, *, count_shard: bool = True) -> Iterator[dict]:
+    """Raw samples of one shard; an unreadable or truncated shard is counted and cut short, never raised.
+
+    count_shard=False leaves shard-level counts (bad shard, unsafe names) out of `stats`: for readers
+    that each read the same shards and keep every n-th sample, so that only one of them counts them.
+    """
     progress: dict = {}
+    shard_stats = stats if count_shard else SkipStats()
     try:
         with open_shard(url) as stream:
-            yield from group_members(tar_members(stream, progress=progress), url, progress)
+            yield from group_members(tar_members(stream, progress=progress), url, progress, shard_stats)
     except _TAR_ERRORS as exn:
         reason = "truncated_shard" if progress else "unreadable_shard"  # did any member header parse?
-        stats.add(reason, example=f"{url}: {type(exn).__name__}: {exn}")
+        shard_stats.add(reason, example=f"{url}: {type(exn).__name__}: {exn}")
 
 
-def read_shards(urls: Iterable[str], stats: SkipStats) -> Iterator[dict]:
+def read_shards(urls: Iterable[str], stats: SkipStats, *, count_shards: bool = True) -> Iterator[dict]:
     for url in urls:
-        yield from read_shard(url, stats)
+        yield from read_shard(url, stats, count_shard=count_shards)
 
 
 def take_every(samples: Iterable, every: int, offset: int) -> Iterator:
@@ -247,6 +269,22 @@ def parse_group(sample: dict, group_field: str) -> str | None:
     return None if value is None or value == "" else str(value)
 
 
+def too_many_pixels(image) -> str:
+    """Why an opened (not yet decoded) PIL image is too large to decode, or "" when it is not.
+
+    PIL refuses images over twice Image.MAX_IMAGE_PIXELS (~179M pixels) and only warns above it;
+    a small file that claims 150M pixels (a decompression bomb) would decode to ~450 MB, so mmft
+    refuses from the limit itself.
+    """
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    w, h = image.size
+    if limit and w * h > limit:
+        return f"{w} x {h} pixels is over PIL's Image.MAX_IMAGE_PIXELS ({limit}): a decompression bomb?"
+    return ""
+
+
 def decode_image(sample: dict, draft_size: int | None = None):
     """The first image member as an RGB PIL image; JPEGs decode at reduced scale when >= 2x draft_size."""
     from PIL import Image
@@ -255,7 +293,16 @@ def decode_image(sample: dict, draft_size: int | None = None):
     if ext is None:
         raise SkipSample("missing_image", "no .jpg/.jpeg/.png/.webp member")
     try:
-        image = Image.open(io.BytesIO(sample[ext]))
+        with warnings.catch_warnings():  # PIL warns between 1x and 2x its limit: refused below instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(sample[ext]))  # reads the header only
+    except Image.DecompressionBombError as exn:
+        raise SkipSample("oversized_image", str(exn)) from None
+    except Exception as exn:  # noqa: BLE001 (corrupt data raises OSError, ValueError, SyntaxError...)
+        raise SkipSample("bad_image", f"{type(exn).__name__}: {exn}") from None
+    if reason := too_many_pixels(image):
+        raise SkipSample("oversized_image", reason)
+    try:
         if draft_size and image.format == "JPEG":
             image.draft("RGB", (draft_size, draft_size))
         image = image.convert("RGB") if image.mode != "RGB" else image

@@ -29,9 +29,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from mmft.data import stages as st
+from mmft.data.augment import TrainTransform, draft_size, make_train_transform, train_transform  # noqa: F401
 from mmft.data.epochs import count_samples, expand_specs, plan_epoch, shard_sizes  # noqa: F401 (public)
 from mmft.data.stages import DataError, SkipStats
-from mmft.data.augment import TrainTransform, draft_size, make_train_transform, train_transform  # noqa: F401
 
 logger = logging.getLogger("mmft.data.stream")
 
@@ -75,7 +75,7 @@ class _TrainSet(IterableDataset):
             raw = st.mix(streams, self.weights, rng) if len(streams) > 1 else streams[0]
             return raw, self.resampled_quota[w], 0
         reader = self.readers[w]
-        raw = st.read_shards(reader.urls, stats)
+        raw = st.read_shards(reader.urls, stats, count_shards=reader.offset == 0)  # shared shards: one counts
         if reader.every > 1:
             raw = st.take_every(raw, reader.every, reader.offset)
         return raw, reader.full, reader.tail
@@ -229,8 +229,8 @@ class _EvalSet(IterableDataset):
         stats = SkipStats()
         if len(self.urls) >= n:
             raw = st.read_shards(self.urls[w::n], stats)
-        else:
-            raw = st.take_every(st.read_shards(self.urls, stats), n, w)
+        else:  # every worker reads every shard: worker 0 alone counts a bad shard
+            raw = st.take_every(st.read_shards(self.urls, stats, count_shards=w == 0), n, w)
         samples = st.decode_samples(raw, self.transform, stats, caption_key=cfg.caption_key,
                                     caption_field=cfg.caption_field, group_field=cfg.group_field,
                                     draft_size=draft_size(self.transform))
