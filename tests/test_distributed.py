@@ -296,6 +296,7 @@ def test_two_rank_embed_and_merge_give_the_single_process_index(setup, tmp_path)
         got = json.loads((tmp_path / name / "manifest.json").read_text())
         for key in ("model", "adapter_sha256", "lora_scale", "factory", "nprobe", "count", "dim", "source"):  # pins
             assert got[key] == ref[key], key
+        assert set(got) - {"merged_from", "ondisk"} == set(ref), name  # one manifest for both builders
     assert (tmp_path / "ondisk" / "index.ivfdata").is_file() and "ondisk" in got
     # embed + merge in one call (what `mmft index build` runs under torchrun); here one process, 2 workers
     built = build_index_distributed(run, shards, tmp_path / "built", IndexConfig(factory="IVF4,Flat", train_sample=24),

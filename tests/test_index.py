@@ -17,6 +17,7 @@ from mmft.index.core import (
     apply_fp16,
     build_index,
     build_index_from_model,
+    caption_ids,
     default_factory,
     load_index,
     query_index,
@@ -192,6 +193,32 @@ def test_broken_index_directories_give_clear_errors(tmp_path):
     (tmp_path / "ix" / "manifest.json").unlink()
     with pytest.raises(IndexLoadError, match="manifest.json is missing"):
         load_index(tmp_path / "ix")
+
+
+def test_caption_ids_count_each_images_captions_in_row_order():
+    assert caption_ids(["a", "b"], np.array([1, 0, 1, 1, 0])) == ["b/0", "a/0", "b/1", "b/2", "a/1"]
+
+
+def test_training_sample_is_seeded_and_has_rows_for_every_ivf_list():
+    from mmft.index.faiss_backend import empty_faiss_index, training_rows
+
+    ivf = empty_faiss_index(4, "IVF8,Flat")
+    rows = training_rows(1000, ivf, 100, seed=3)
+    assert len(rows) == 320 and len(np.unique(rows)) == 320 and (np.diff(rows) > 0).all()  # 40 per list
+    assert np.array_equal(rows, training_rows(1000, ivf, 100, seed=3))
+    assert not np.array_equal(rows, training_rows(1000, ivf, 100, seed=4))
+    assert len(training_rows(50, empty_faiss_index(4, "PQ2x4"), 100)) == 50  # never more than the gallery
+
+
+def test_importing_the_index_package_loads_neither_torch_nor_faiss():
+    import subprocess
+    import sys
+
+    code = ("import sys, mmft.index as ix; ix.Index, ix.build_index_from_run, ix.StaleIndexError; "
+            "print(sorted(m for m in ('torch', 'faiss') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 def test_factory_choice_and_bad_factory():

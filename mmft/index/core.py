@@ -6,14 +6,13 @@
 
 Inner product on L2-normalised vectors (= cosine). A saved index is a directory: `index.faiss` (always
 the CPU form), `ids.json` and `manifest.json` (written last, so its presence marks a complete index).
-The manifest pins the base-model identity, the adapter sha256 and the LoRA scale: an index queried
-with another model returns silently wrong neighbours, so loading refuses it in a sentence.
+The manifest (mmft.index.manifest) pins the base-model identity, the adapter sha256 and the LoRA scale:
+an index queried with another model returns silently wrong neighbours, so loading refuses it in a sentence.
 faiss is imported on first use; GPU FAISS is used when installed and a GPU is visible.
 """
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,59 +24,33 @@ from mmft.config import IndexConfig
 from mmft.index.faiss_backend import (  # noqa: F401  (re-exported: the FAISS helpers belong to the index API)
     FLAT_MAX,
     apply_fp16,
+    apply_search_defaults,
     default_factory,
     default_nlist,
     default_nprobe,
     extract_ivf,
     faiss_module,
     new_faiss_index,
+    resolve_factory,
     set_search_params,
     to_cpu,
     to_gpu,
     unit_rows,
 )
-from mmft.io import atomic_path, write_json
-
-INDEX_FORMAT = 1
-INDEX_FILE, IDS_FILE, MANIFEST_FILE = "index.faiss", "ids.json", "manifest.json"
-
-
-class IndexLoadError(RuntimeError):
-    """An index directory that is missing, corrupt or inconsistent; the message says what to do."""
-
-
-class StaleIndexError(IndexLoadError):
-    """An index built with another model, adapter or LoRA scale than the one querying it."""
-
-
-def _describe(state: dict) -> str:
-    """'base mmft-mini (packaged-towers, sha256 1a2b3c4d…) with adapter 9f8e7d6c… at LoRA scale 0.5'."""
-    ident = state.get("model")
-    if ident is None:
-        base = "an unidentified base model"
-    else:
-        sha = f", sha256 {ident['sha256'][:8]}…" if ident.get("sha256") else ""
-        base = f"base {ident.get('name')} ({ident.get('pretrained') or 'random init'}{sha})"
-    if state.get("adapter_sha256") is None:
-        return base + " with no adapter (or at LoRA scale 0)"
-    return f"{base} with adapter sha256 {state['adapter_sha256'][:12]}… at LoRA scale {state['lora_scale']:g}"
-
-
-def check_fingerprint(manifest: dict, current: dict, where: str) -> None:
-    """Refuse (StaleIndexError) when `current` (model_fingerprint) is not what the index was built with."""
-    built = {k: manifest.get(k) for k in ("model", "adapter_sha256", "lora_scale")}
-    diffs = []
-    if built["model"] != current["model"]:
-        diffs.append("the base model")
-    if built["adapter_sha256"] != current["adapter_sha256"]:
-        diffs.append("the adapter")
-    elif built["lora_scale"] is not None and not math.isclose(built["lora_scale"], current["lora_scale"]):
-        diffs.append("the LoRA scale")
-    if diffs:
-        raise StaleIndexError(
-            f"index in {where} was built with {_describe(built)}, but the model is {_describe(current)} "
-            f"({' and '.join(diffs)} {'differ' if len(diffs) > 1 else 'differs'}): rebuild the index with "
-            "`mmft index build` or load the matching adapter and scale")
+from mmft.index.manifest import (  # noqa: F401  (re-exported: the manifest's errors and names)
+    IDS_FILE,
+    INDEX_FILE,
+    INDEX_FORMAT,
+    MANIFEST_FILE,
+    IndexLoadError,
+    StaleIndexError,
+    check_fingerprint,
+    fingerprint_of,
+    index_manifest,
+    read_manifest,
+    write_manifest,
+)
+from mmft.io import atomic_path
 
 
 @dataclass(repr=False)
@@ -160,10 +133,22 @@ class Index:
             faiss.write_index(to_cpu(self.index), str(tmp))
         with atomic_path(out_dir / IDS_FILE) as tmp:
             tmp.write_text(json.dumps([str(i) for i in self.ids]))
-        self.manifest["files"] = {n: (out_dir / n).stat().st_size for n in (INDEX_FILE, IDS_FILE)}
-        write_json(out_dir / MANIFEST_FILE, self.manifest)
+        write_manifest(out_dir, self.manifest)
         self.path = out_dir
         return out_dir
+
+
+def caption_ids(image_ids, caption_image) -> list[str]:
+    """Gallery ids of caption rows: caption j of image `image_ids[i]` is "<image id>/j".
+
+    caption_image (M,) gives each caption's image row; j counts that image's captions in row order.
+    """
+    seen: dict[int, int] = {}
+    out = []
+    for i in np.asarray(caption_image).tolist():
+        seen[i] = seen.get(i, -1) + 1
+        out.append(f"{image_ids[i]}/{seen[i]}")
+    return out
 
 
 def _gallery(source, ids, modality: str | None) -> tuple[np.ndarray, np.ndarray, str, dict | None]:
@@ -175,15 +160,9 @@ def _gallery(source, ids, modality: str | None) -> tuple[np.ndarray, np.ndarray,
         if modality not in ("image", "text"):
             raise ValueError(f"modality={modality!r}: an Embeddings gallery is 'image' or 'text'")
         vectors = source.image if modality == "image" else source.text
-        if ids is None and modality == "image":
-            ids = source.keys
-        elif ids is None:  # caption j of image `key` -> "key/j"
-            seen: dict[int, int] = {}
-            ids = []
-            for i in np.asarray(source.caption_image).tolist():
-                seen[i] = seen.get(i, -1) + 1
-                ids.append(f"{source.keys[i]}/{seen[i]}")
-        fp = {k: source.meta.get(k) for k in ("model", "adapter_sha256", "lora_scale")} if source.meta else None
+        if ids is None:
+            ids = source.keys if modality == "image" else caption_ids(source.keys, source.caption_image)
+        fp = fingerprint_of(source.meta) if source.meta else None
         return vectors, ids, modality, fp
     vectors = np.asarray(source) if not isinstance(source, np.memmap) else source
     if vectors.ndim != 2:
@@ -200,7 +179,6 @@ def build_index(source, out_dir: str | Path | None = None, *, ids=None, model=No
     given with Embeddings must match them). index_cfg.factory "" picks `default_factory(N)`;
     index_cfg.fp16 stores float16; IVF/PQ train on index_cfg.train_sample rows; saved when out_dir is set.
     """
-    from mmft import __version__
     from mmft.embeddings import model_fingerprint
 
     cfg = index_cfg or IndexConfig()
@@ -217,59 +195,36 @@ def build_index(source, out_dir: str | Path | None = None, *, ids=None, model=No
         if fp is not None and fp.get("model") is not None:
             check_fingerprint(fp, current, "these embeddings")
         fp = current
-    fp = fp or {"model": None, "adapter_sha256": None, "lora_scale": None}
-    factory = cfg.factory or default_factory(n)
-    factory = apply_fp16(factory) if cfg.fp16 else factory
+    factory = resolve_factory(cfg.factory, n, cfg.fp16)
     start = time.time()
     index = new_faiss_index(vectors, factory, train_sample=cfg.train_sample, seed=seed, use_gpu=cfg.use_gpu,
                             progress=progress)
-    ivf = extract_ivf(index)
-    nprobe = (cfg.nprobe or default_nprobe(ivf.nlist)) if ivf is not None else None
-    ef_search = ef_search or (64 if "HNSW" in factory else None)
-    set_search_params(index, nprobe=nprobe, ef_search=ef_search)
-    manifest = {
-        "format": INDEX_FORMAT, "mmft_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        **fp, "dim": int(dim), "count": int(n), "metric": "inner_product", "normalized": True,
-        "factory": factory, "nprobe": nprobe, "ef_search": ef_search, "modality": modality,
-        "dtype": "float16" if "fp16" in factory else "float32",
-        "build_seconds": round(time.time() - start, 3), **(extra or {}),
-    }
-    out = Index(index=index, ids=ids, manifest=manifest)
+    return finish_index(index, ids, factory=factory, fingerprint=fp, modality=modality, start=start,
+                        nprobe=cfg.nprobe, ef_search=ef_search, extra=extra, out_dir=out_dir)
+
+
+def finish_index(index, ids, *, factory: str, fingerprint: dict | None, modality: str, start: float,
+                 nprobe: int = 0, ef_search: int | None = None, extra: dict | None = None,
+                 out_dir: str | Path | None = None) -> Index:
+    """The last step of every builder: search defaults, the manifest, and a save when out_dir is set.
+
+    index: a trained and filled FAISS index; ids (N,) its gallery ids; start: time.time() at the start.
+    """
+    nprobe, ef_search = apply_search_defaults(index, factory, nprobe, ef_search)
+    manifest = index_manifest(fingerprint, dim=index.d, count=index.ntotal, factory=factory, nprobe=nprobe,
+                              ef_search=ef_search, modality=modality, build_seconds=time.time() - start,
+                              extra=extra)
+    out = Index(index=index, ids=np.asarray(ids), manifest=manifest)
     if out_dir is not None:
         out.save(out_dir)
     return out
-
-
-def _read_manifest(path: Path) -> dict:
-    if not path.is_dir():
-        raise IndexLoadError(f"no index at {path}: the folder does not exist; build one with `mmft index build`")
-    man = path / MANIFEST_FILE
-    if not man.is_file():
-        raise IndexLoadError(f"no complete index in {path}: {MANIFEST_FILE} is missing (an interrupted build?); "
-                             "rebuild it with `mmft index build`")
-    try:
-        manifest = json.loads(man.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IndexLoadError(f"{man} is corrupt ({e}); rebuild the index with `mmft index build`") from None
-    if manifest.get("format", 0) > INDEX_FORMAT:
-        raise IndexLoadError(f"index in {path} has format {manifest.get('format')}, newer than this mmft reads "
-                             f"({INDEX_FORMAT}): upgrade mmft or rebuild the index")
-    for name, size in (manifest.get("files") or {}).items():
-        f = path / name
-        if not f.is_file():
-            raise IndexLoadError(f"index in {path} is incomplete: {name} is missing; rebuild it with "
-                                 "`mmft index build`")
-        if f.stat().st_size != size:
-            raise IndexLoadError(f"{f} has {f.stat().st_size} bytes but the manifest records {size}: the index "
-                                 "directory is damaged or half-replaced; rebuild it with `mmft index build`")
-    return manifest
 
 
 def load_index(path: str | Path, model=None, *, use_gpu: str = "auto") -> Index:
     """Open a saved index; with `model`, refuse (StaleIndexError) one built with another model/adapter/scale."""
     faiss = faiss_module()
     path = Path(path)
-    manifest = _read_manifest(path)
+    manifest = read_manifest(path)
     try:
         # IO_FLAG_ONDISK_SAME_DIR: an on-disk merged index finds index.ivfdata beside it, wherever moved
         index = faiss.read_index(str(path / INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
@@ -391,7 +346,7 @@ def query_index(index_dir: str | Path, model=None, *, text=None, image=None, vec
         index = load_index(index_dir)
         scores, ids = index.search(np.atleast_2d(np.asarray(vector, dtype=np.float32)), k)
     else:
-        m, pre, tok = _model_for(index_dir, _read_manifest(index_dir), model)
+        m, pre, tok = _model_for(index_dir, read_manifest(index_dir), model)
         index = load_index(index_dir, model=m)
         if text is not None:
             scores, ids = index.search_text(text, m, tokenizer or tok, k)

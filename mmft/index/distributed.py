@@ -27,6 +27,16 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 
 from mmft import distributed as dist_utils
 from mmft.config import DataConfig, IndexConfig
+from mmft.index.core import build_index, caption_ids, finish_index
+from mmft.index.faiss_backend import (
+    empty_faiss_index,
+    extract_ivf,
+    faiss_module,
+    resolve_factory,
+    training_rows,
+    unit_rows,
+)
+from mmft.index.manifest import fingerprint_of
 from mmft.io import atomic_path, write_json
 
 PART_FILE, PARTS_FILE, ROWS_FILE, IVFDATA_FILE = "part.json", "parts.json", "rows.npy", "index.ivfdata"
@@ -181,8 +191,7 @@ class _Parts:
         full = [e for e in self.emb if len(e.keys)]
         self.meta = full[0].meta if full else {}
         for d, e in zip(self.dirs, self.emb):
-            fp = {k: e.meta.get(k) for k in ("model", "adapter_sha256", "lora_scale")}
-            if len(e.keys) and fp != {k: self.meta.get(k) for k in fp}:
+            if len(e.keys) and fingerprint_of(e.meta) != fingerprint_of(self.meta):
                 raise ValueError(f"part {d} was embedded with another model, adapter or LoRA scale than "
                                  f"{self.dirs[0]}; embed all parts with one run and one --lora-scale")
 
@@ -208,19 +217,15 @@ class _Parts:
             raise ValueError(f"the parts in {self.dirs[0].parent} hold no {modality} vectors; embed the gallery "
                              f"with modality 'both' or '{modality}'")
         keys = [k for e in self.emb for k in e.keys]
+        image_ids = [keys[i] for i in self.image_order]  # canonical order
         if modality == "image":
-            return _Rows(arrays, self.image_order, [keys[i] for i in self.image_order])
+            return _Rows(arrays, self.image_order, image_ids)
         rank_of = np.empty_like(self.image_order)
         rank_of[self.image_order] = np.arange(len(rank_of))
         owner = rank_of[np.concatenate([o + np.asarray(e.caption_image, np.int64)
                                         for o, e in zip(self.image_offsets, self.emb)])]  # (M,)
         order = np.argsort(owner, kind="stable")  # captions of one image keep their order
-        seen: dict[int, int] = {}
-        ids = []
-        for i in owner[order].tolist():
-            seen[i] = seen.get(i, -1) + 1
-            ids.append(f"{keys[self.image_order[i]]}/{seen[i]}")
-        return _Rows(arrays, order, ids)
+        return _Rows(arrays, order, caption_ids(image_ids, owner[order]))
 
 
 class _Rows:
@@ -266,17 +271,13 @@ def merge_index_parts(parts, out_dir: str | Path, index_cfg: IndexConfig | None 
     float32 vectors exceed `budget` bytes (default: a quarter of RAM); on-disk merging needs an IVF
     factory. Returns the mmft.index.core.Index, saved in out_dir.
     """
-    from mmft.index.faiss_backend import apply_fp16, default_factory
-    from mmft.index.core import build_index
-
     cfg = index_cfg or IndexConfig()
     group = _Parts(parts)
     rows = group.vectors(modality)
     n, dim = len(rows), rows.dim
     if n == 0:
         raise ValueError(f"the parts in {group.dirs[0].parent} hold no {modality} vectors (an empty gallery?)")
-    factory = cfg.factory or default_factory(n)
-    factory = apply_fp16(factory) if cfg.fp16 else factory
+    factory = resolve_factory(cfg.factory, n, cfg.fp16)
     first = group.info[0]
     extra = {"source": {"shards": first["specs"], "run_dir": first["run_dir"]},
              "merged_from": {"parts": len(group.dirs), "world_size": first["world_size"]}}
@@ -303,25 +304,14 @@ def _merge_ondisk(rows: _Rows, out_dir: Path, cfg: IndexConfig, factory: str, me
     """Train once, fill sub-indexes over consecutive id ranges, merge their lists into index.ivfdata."""
     from faiss.contrib.ondisk import merge_ondisk
 
-    from mmft import __version__
-    from mmft.index.faiss_backend import default_nprobe, extract_ivf, faiss_module, set_search_params, unit_rows
-    from mmft.index.core import INDEX_FORMAT, Index
-
     faiss = faiss_module()
     start, n, dim = time.time(), len(rows), rows.dim
-    try:
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        raise ValueError(f"FAISS cannot build factory '{factory}' for {dim}-d vectors "
-                         f"({str(e).strip().splitlines()[-1][:160]}); try 'IVF1024,Flat'") from None
-    ivf = extract_ivf(index)
-    if ivf is None:
+    index = empty_faiss_index(dim, factory)
+    if extract_ivf(index) is None:
         raise ValueError(f"on-disk merging needs an inverted-file factory such as 'IVF1024,Flat', not "
                          f"'{factory}'; set index.factory, or merge in memory (ondisk=False)")
-    # the same seeded sample as mmft.index.faiss_backend.new_faiss_index draws over rows in shard order
-    want = max(cfg.train_sample, 40 * ivf.nlist)
-    sample = np.sort(np.random.default_rng(seed).choice(n, size=min(n, want), replace=False))
-    index.train(unit_rows(rows.take(sample)))
+    # the seeded sample new_faiss_index draws, here over the rows in shard order
+    index.train(unit_rows(rows.take(training_rows(n, index, cfg.train_sample, seed))))
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "merge-parts"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -339,20 +329,9 @@ def _merge_ondisk(rows: _Rows, out_dir: Path, cfg: IndexConfig, factory: str, me
     (out_dir / IVFDATA_FILE).unlink(missing_ok=True)
     merge_ondisk(index, names, str((out_dir / IVFDATA_FILE).resolve()))
     shutil.rmtree(tmp, ignore_errors=True)
-    nprobe = cfg.nprobe or default_nprobe(ivf.nlist)
-    ef_search = 64 if "HNSW" in factory else None
-    set_search_params(index, nprobe=nprobe, ef_search=ef_search)
-    fp = {k: meta.get(k) for k in ("model", "adapter_sha256", "lora_scale")}
-    manifest = {
-        "format": INDEX_FORMAT, "mmft_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        **fp, "dim": int(dim), "count": int(n), "metric": "inner_product", "normalized": True,
-        "factory": factory, "nprobe": nprobe, "ef_search": ef_search, "modality": modality,
-        "dtype": "float16" if "fp16" in factory else "float32", "build_seconds": round(time.time() - start, 3),
-        **extra, "ondisk": {"file": IVFDATA_FILE, "bytes": (out_dir / IVFDATA_FILE).stat().st_size},
-    }
-    out = Index(index=index, ids=np.asarray(rows.ids), manifest=manifest)
-    out.save(out_dir)
-    return out
+    extra = {**extra, "ondisk": {"file": IVFDATA_FILE, "bytes": (out_dir / IVFDATA_FILE).stat().st_size}}
+    return finish_index(index, rows.ids, factory=factory, fingerprint=meta, modality=modality, start=start,
+                        nprobe=cfg.nprobe, extra=extra, out_dir=out_dir)
 
 
 def build_index_distributed(run_dir: str | Path, shards, out_dir: str | Path | None = None,

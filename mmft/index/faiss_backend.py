@@ -52,6 +52,18 @@ def default_nprobe(nlist: int) -> int:
     return min(nlist, max(16, nlist // 128))
 
 
+def resolve_factory(factory: str, n: int, fp16: bool = False) -> str:
+    """The factory an index over n vectors uses: `factory`, or `default_factory(n)` when it is "",
+    stored as float16 when fp16 (index.factory / index.fp16, the same choice for every builder)."""
+    factory = factory or default_factory(n)
+    return apply_fp16(factory) if fp16 else factory
+
+
+def default_ef_search(factory: str) -> int | None:
+    """HNSW candidates kept per query by default (64; FAISS's own default is 16); None without HNSW."""
+    return 64 if "HNSW" in factory else None
+
+
 def apply_fp16(factory: str) -> str:
     """Store vectors as float16: 'Flat' -> 'SQfp16', 'IVFn,Flat' -> 'IVFn,SQfp16', 'HNSW32' -> 'HNSW32,SQfp16'."""
     if factory == "Flat":
@@ -83,6 +95,16 @@ def set_search_params(index, nprobe: int | None = None, ef_search: int | None = 
             space.set_index_parameter(index, "efSearch", int(ef_search))
         except RuntimeError:
             pass  # no HNSW level in this index
+
+
+def apply_search_defaults(index, factory: str, nprobe: int = 0,
+                          ef_search: int | None = None) -> tuple[int | None, int | None]:
+    """Set and return (nprobe, efSearch): the values given, else the defaults of the index's kind."""
+    ivf = extract_ivf(index)
+    nprobe = (nprobe or default_nprobe(ivf.nlist)) if ivf is not None else None
+    ef_search = ef_search or default_ef_search(factory)
+    set_search_params(index, nprobe=nprobe, ef_search=ef_search)
+    return nprobe, ef_search
 
 
 def _gpu_wanted(use_gpu: str) -> bool:
@@ -131,25 +153,35 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-def new_faiss_index(vectors: np.ndarray, factory: str, *, train_sample: int = 100_000, seed: int = 0,
-                    use_gpu: str = "never", progress: bool = False):
-    """Train (on a seeded sample) and fill a FAISS inner-product index with the rows of `vectors` (N, D)."""
+def empty_faiss_index(dim: int, factory: str):
+    """An untrained inner-product index of `factory` for dim-d vectors; a bad factory is a ValueError."""
     faiss = faiss_module()
-    n, dim = vectors.shape
     try:
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         reason = str(e).strip().splitlines()[-1][:160]
         raise ValueError(f"FAISS cannot build factory '{factory}' for {dim}-d vectors ({reason}); "
                          "try 'Flat', 'IVF1024,Flat' or 'HNSW32'") from None
-    index = to_gpu(index, use_gpu)
+
+
+def training_rows(n: int, index, train_sample: int, seed: int = 0) -> np.ndarray:
+    """Sorted row numbers (k,) of the seeded sample `index` trains on, out of n gallery rows.
+
+    Every builder draws it here, so a distributed merge trains on exactly the rows a single process does.
+    """
+    ivf = extract_ivf(index)
+    # k-means needs ~40 training rows per list (FAISS warns below 39)
+    want = max(train_sample, 40 * ivf.nlist) if ivf is not None else train_sample
+    return np.sort(np.random.default_rng(seed).choice(n, size=min(n, want), replace=False))
+
+
+def new_faiss_index(vectors: np.ndarray, factory: str, *, train_sample: int = 100_000, seed: int = 0,
+                    use_gpu: str = "never", progress: bool = False):
+    """Train (on a seeded sample) and fill a FAISS inner-product index with the rows of `vectors` (N, D)."""
+    n, dim = vectors.shape
+    index = to_gpu(empty_faiss_index(dim, factory), use_gpu)
     if not index.is_trained:
-        ivf = extract_ivf(index)
-        # k-means needs ~40 training rows per list (FAISS warns below 39)
-        want = max(train_sample, 40 * ivf.nlist) if ivf is not None else train_sample
-        rng = np.random.default_rng(seed)
-        rows = np.sort(rng.choice(n, size=min(n, want), replace=False))
-        index.train(unit_rows(vectors[rows]))
+        index.train(unit_rows(vectors[training_rows(n, index, train_sample, seed)]))
     chunks = range(0, n, _ADD_CHUNK)
     if progress:
         from tqdm.auto import tqdm

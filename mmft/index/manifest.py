@@ -1,0 +1,116 @@
+"""The index manifest: the one place that says what a saved index holds and which model made it.
+
+Both builders (`mmft.index.core.build_index` and the distributed merge) write their manifest through
+`index_manifest`, and loading reads it back through `read_manifest`; the stale-index refusal compares
+the FINGERPRINT_KEYS fields with the querying model. A field added here reaches every builder, so an
+index built one way can never be checked differently from one built the other way.
+
+A saved index is a directory: index.faiss (always the CPU form), ids.json, and manifest.json written
+last, so its presence marks a complete index; it records the byte size of the other files.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+INDEX_FORMAT = 1
+INDEX_FILE, IDS_FILE, MANIFEST_FILE = "index.faiss", "ids.json", "manifest.json"
+# What decides a model's embeddings (mmft.embeddings.model_fingerprint): an index pins all three.
+FINGERPRINT_KEYS = ("model", "adapter_sha256", "lora_scale")
+
+
+class IndexLoadError(RuntimeError):
+    """An index directory that is missing, corrupt or inconsistent; the message says what to do."""
+
+
+class StaleIndexError(IndexLoadError):
+    """An index built with another model, adapter or LoRA scale than the one querying it."""
+
+
+def fingerprint_of(meta: dict | None) -> dict:
+    """The FINGERPRINT_KEYS fields of a manifest or embeddings meta (None where absent)."""
+    meta = meta or {}
+    return {k: meta.get(k) for k in FINGERPRINT_KEYS}
+
+
+def index_manifest(fingerprint: dict | None, *, dim: int, count: int, factory: str, nprobe: int | None,
+                   ef_search: int | None, modality: str, build_seconds: float,
+                   extra: dict | None = None) -> dict:
+    """The manifest of a freshly built index (the file sizes are added when it is saved)."""
+    from mmft import __version__
+
+    return {
+        "format": INDEX_FORMAT, "mmft_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **fingerprint_of(fingerprint), "dim": int(dim), "count": int(count), "metric": "inner_product",
+        "normalized": True, "factory": factory, "nprobe": nprobe, "ef_search": ef_search,
+        "modality": modality, "dtype": "float16" if "fp16" in factory else "float32",
+        "build_seconds": round(build_seconds, 3), **(extra or {}),
+    }
+
+
+def describe(state: dict) -> str:
+    """'base mmft-mini (packaged-towers, sha256 1a2b3c4d…) with adapter 9f8e7d6c… at LoRA scale 0.5'."""
+    ident = state.get("model")
+    if ident is None:
+        base = "an unidentified base model"
+    else:
+        sha = f", sha256 {ident['sha256'][:8]}…" if ident.get("sha256") else ""
+        base = f"base {ident.get('name')} ({ident.get('pretrained') or 'random init'}{sha})"
+    if state.get("adapter_sha256") is None:
+        return base + " with no adapter (or at LoRA scale 0)"
+    return f"{base} with adapter sha256 {state['adapter_sha256'][:12]}… at LoRA scale {state['lora_scale']:g}"
+
+
+def check_fingerprint(manifest: dict, current: dict, where: str) -> None:
+    """Refuse (StaleIndexError) when `current` (model_fingerprint) is not what the index was built with."""
+    built = fingerprint_of(manifest)
+    diffs = []
+    if built["model"] != current["model"]:
+        diffs.append("the base model")
+    if built["adapter_sha256"] != current["adapter_sha256"]:
+        diffs.append("the adapter")
+    elif built["lora_scale"] is not None and not math.isclose(built["lora_scale"], current["lora_scale"]):
+        diffs.append("the LoRA scale")
+    if diffs:
+        raise StaleIndexError(
+            f"index in {where} was built with {describe(built)}, but the model is {describe(current)} "
+            f"({' and '.join(diffs)} {'differ' if len(diffs) > 1 else 'differs'}): rebuild the index with "
+            "`mmft index build` or load the matching adapter and scale")
+
+
+def write_manifest(out_dir: Path, manifest: dict) -> None:
+    """Record the sizes of index.faiss and ids.json, then write manifest.json (the last file of a save)."""
+    from mmft.io import write_json
+
+    manifest["files"] = {n: (out_dir / n).stat().st_size for n in (INDEX_FILE, IDS_FILE)}
+    write_json(out_dir / MANIFEST_FILE, manifest)
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of a complete index directory, or IndexLoadError saying what is wrong and what to do."""
+    if not path.is_dir():
+        raise IndexLoadError(f"no index at {path}: the folder does not exist; "
+                             "build one with `mmft index build`")
+    man = path / MANIFEST_FILE
+    if not man.is_file():
+        raise IndexLoadError(f"no complete index in {path}: {MANIFEST_FILE} is missing "
+                             "(an interrupted build?); rebuild it with `mmft index build`")
+    try:
+        manifest = json.loads(man.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IndexLoadError(f"{man} is corrupt ({e}); rebuild the index with `mmft index build`") from None
+    if manifest.get("format", 0) > INDEX_FORMAT:
+        raise IndexLoadError(f"index in {path} has format {manifest.get('format')}, newer than this mmft "
+                             f"reads ({INDEX_FORMAT}): upgrade mmft or rebuild the index")
+    for name, size in (manifest.get("files") or {}).items():
+        f = path / name
+        if not f.is_file():
+            raise IndexLoadError(f"index in {path} is incomplete: {name} is missing; rebuild it with "
+                                 "`mmft index build`")
+        if f.stat().st_size != size:
+            raise IndexLoadError(f"{f} has {f.stat().st_size} bytes but the manifest records {size}: the "
+                                 "index directory is damaged or half-replaced; rebuild it with "
+                                 "`mmft index build`")
+    return manifest
