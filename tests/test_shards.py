@@ -219,3 +219,38 @@ def test_written_shards_read_back_with_webdataset(tmp_path):
     assert len(samples) == 4
     assert [s[1] for s in samples] == [f"caption {i}" for i in range(4)]
     assert samples[0][0].size == (24, 16) and samples[2][2]["caption"] == ["caption 2"]
+
+
+def test_table_whose_images_resolve_to_nothing_is_an_error_saying_where(tmp_path, capsys):
+    from mmft.cli import main as mmft_main
+
+    table = tmp_path / "meta" / "pairs.csv"
+    table.parent.mkdir()
+    _img(tmp_path / "images" / "0.jpg")  # beside the table's folder, not inside it
+    table.write_text("image,caption\nimages/0.jpg,a red box\nimages/1.jpg,a blue box\n")
+    with pytest.raises(ShardError, match=r"read 2 row\(s\) .*relative to the table's folder .*meta") as exn:
+        make_shards(table, tmp_path / "out", progress=False)
+    assert "images/0.jpg" in str(exn.value) and "\n" not in str(exn.value)
+    assert not list((tmp_path / "out").glob("*.tar")) and not (tmp_path / "out" / "sizes.json").exists()
+    rc = mmft_main(["shards", str(table), str(tmp_path / "out2"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "read 2 row(s)" in err and str(table.parent) in err and err.count("\n") == 1
+    table.write_text("image,caption\n../images/0.jpg,a red box\n")  # the same path, relative to meta/
+    assert make_shards(table, tmp_path / "out3", progress=False)["written"] == 1
+
+
+def test_folder_without_images_is_an_error(tmp_path, capsys):
+    from mmft.cli import main as mmft_main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "readme.txt").write_text("captions but no images")
+    rc = mmft_main(["shards", str(src), str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "found no image files" in err and str(src) in err
+    _img(src / "a.jpg")  # an image without a caption: found, then dropped
+    with pytest.raises(ShardError, match=r"found 1 image\(s\) in .* empty_caption 1"):
+        make_shards(src, tmp_path / "out", progress=False)
+    (tmp_path / "classes" / "cat").mkdir(parents=True)
+    with pytest.raises(ShardError, match="no image files .* class folders"):
+        make_shards(tmp_path / "classes", tmp_path / "out", templates=["a {label}"], progress=False)

@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from mmft.data.stages import too_many_pixels
 from mmft.io import write_json
 
 SHARD_DIGITS = 5
@@ -281,6 +282,9 @@ def prepare_images(records: Iterable[dict], skipped: Counter, *, image_format: s
     for rec in records:
         try:
             im = Image.open(io.BytesIO(rec["image"]))
+            if too_many_pixels(im):  # a decompression bomb: a small file that decodes to gigabytes
+                skipped["oversized_image"] += 1
+                continue
             if verify:
                 im.load()  # full decode: catches truncated files that open() alone accepts
             rec["image"], rec["ext"] = _encode(im, rec["image"], image_format, max_side, quality)
@@ -453,12 +457,46 @@ def make_shards(input: str | Path, out_dir: str | Path, *, input_type: str = "au
                                      class_templates=class_templates)
     else:
         raise ShardError(f"input_type={input_type!r} is not one of 'auto', 'folder', 'table', 'classes'")
-    stats = shard_records(records, out_dir, skipped, splits=fractions, split_by=split_by, seed=seed,
-                          samples_per_shard=samples_per_shard, max_side=max_side, image_format=image_format,
-                          quality=quality, verify=verify, dedup=dedup, prefix=prefix, progress=progress)
+    seen: dict = {"records": 0, "missing": None}
+    stats = shard_records(_tally(records, seen), out_dir, skipped, splits=fractions, split_by=split_by,
+                          seed=seed, samples_per_shard=samples_per_shard, max_side=max_side,
+                          image_format=image_format, quality=quality, verify=verify, dedup=dedup,
+                          prefix=prefix, progress=progress)
+    if stats["written"] == 0:  # an empty shard set would only fail later, far from its cause
+        (out_dir / "sizes.json").unlink(missing_ok=True)
+        raise ShardError(_nothing_written(input, input_type, seen, stats["skipped"]))
     stats = {"input": str(input), "input_type": input_type, **stats, "seconds": round(time.time() - start, 2)}
     write_json(out_dir / "stats.json", stats)
     return stats
+
+
+def _tally(records: Iterable[dict], seen: dict) -> Iterator[dict]:
+    """Count input records and remember the first image path that is not a file (for `_nothing_written`)."""
+    for rec in records:
+        seen["records"] += 1
+        found = "image" in rec or (rec.get("path") and Path(rec["path"]).is_file())
+        if seen["missing"] is None and not found:
+            seen["missing"] = str(rec.get("path") or "an empty image cell")
+        yield rec
+
+
+def _nothing_written(input: Path, input_type: str, seen: dict, skipped: dict) -> str:
+    """One sentence on why no sample was written: where mmft looked, what it read, why each was dropped."""
+    n, exts = seen["records"], "/".join(e[1:] for e in IMAGE_EXTS)
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "none"
+    if input_type == "table":
+        if not n:
+            return f"wrote no samples: the table {input} has no rows"
+        hint = ""
+        if skipped.get("missing_image") and seen["missing"]:
+            hint = (f"; image paths are read relative to the table's folder {input.parent} "
+                    f"(the first missing one: {seen['missing']})")
+        return (f"wrote no samples: read {n} row(s) from {input} and dropped every one "
+                f"(skipped: {reasons}){hint}")
+    where = f"the class folders under {input}" if input_type == "classes" else str(input)
+    if not n:
+        return f"wrote no samples: found no image files ({exts}) in {where} (searched recursively)"
+    return f"wrote no samples: found {n} image(s) in {where} and dropped every one (skipped: {reasons})"
 
 
 def shard_records(records: Iterable[dict], out_dir: str | Path, skipped: Counter, *,
