@@ -7,6 +7,7 @@ An unknown key or a value of the wrong type is a `ConfigError` that names the ke
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -121,13 +122,15 @@ class EvalConfig:
     bootstrap: int = 1000
     lora_scales: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     max_general_drop: float = 2.0  # recall points of GENERAL R@5 a recommended LoRA scale may lose
-    factory: str = "Flat"
     batch_size: int = 128
+    # Search goes through an index built with the `index` section (factory, fp16, nprobe, train_sample).
 
 
 @dataclass
 class IndexConfig:
-    factory: str = ""  # FAISS factory string; "" = chosen from the gallery size
+    # FAISS factory string; "" = chosen from the gallery size (exact Flat below 250,000 vectors).
+    # Evaluation searches with it too, reporting exact recall beside it when it is approximate.
+    factory: str = ""
     lora_scale: float = 1.0
     fp16: bool = False
     train_sample: int = 100_000  # vectors used to train IVF/PQ
@@ -204,6 +207,29 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _migrate(values: dict) -> dict:
+    """Read configs of earlier mmft versions: `eval.factory` became `index.factory`.
+
+    Evaluation now searches with the index settings. The old default `Flat` is dropped (an empty
+    index.factory picks Flat below 250,000 vectors); another value moves to index.factory.
+    """
+    ev = values.get("eval")
+    if not isinstance(ev, dict) or "factory" not in ev:
+        return values
+    old = ev["factory"]
+    index = values.get("index") if isinstance(values.get("index"), dict) else {}
+    values = {**values, "eval": {k: v for k, v in ev.items() if k != "factory"}}
+    if old in ("Flat", index.get("factory") or "Flat"):
+        return values
+    if index.get("factory"):
+        raise ConfigError(f"config key 'eval.factory' ({old!r}) is now 'index.factory', which this config also "
+                          f"sets ({index['factory']!r}): keep one value under index.factory")
+    logging.getLogger("mmft.config").warning(
+        "config key 'eval.factory' is now 'index.factory' (evaluation searches with the index settings); "
+        "reading %r as index.factory", old)
+    return {**values, "index": {**index, "factory": old}}
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
@@ -244,12 +270,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file '{p}' does not exist")
         values = yaml.safe_load(p.read_text()) or {}
     values = _merge(values, parse_overrides(overrides or []))
-    return _build(Config, values, "")
+    return _build(Config, _migrate(values), "")
 
 
 def config_from_dict(values: dict) -> Config:
     """A Config from a nested dict, validated like a YAML file."""
-    return _build(Config, values, "")
+    return _build(Config, _migrate(values), "")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -67,3 +67,33 @@ def test_shipped_configs_load():
     configs = sorted([*(root / "configs").glob("*.yaml"), *(root / "mmft/demo/configs").glob("*.yaml")])
     for path in configs:
         load_config(path)
+
+
+def test_eval_factory_of_earlier_configs_becomes_index_factory(caplog):
+    import dataclasses
+
+    from mmft.config import Config, config_from_dict
+
+    old_run = dataclasses.asdict(Config())
+    old_run["eval"]["factory"] = "Flat"  # what every run directory of earlier versions saved
+    assert config_from_dict(old_run).index.factory == ""  # the old default: an empty factory picks Flat
+    with caplog.at_level("WARNING", logger="mmft.config"):
+        cfg = load_config(None, ["eval.factory=IVF4,Flat"])
+    assert cfg.index.factory == "IVF4,Flat" and "'index.factory'" in caplog.text
+    assert load_config(None, ["eval.factory=HNSW32", "index.factory=HNSW32"]).index.factory == "HNSW32"
+    with pytest.raises(ConfigError, match="keep one value under index.factory"):
+        load_config(None, ["eval.factory=IVF4,Flat", "index.factory=HNSW32"])
+    with pytest.raises(ConfigError, match="unknown config key 'eval.nprobe'"):
+        load_config(None, ["eval.nprobe=4"])
+
+
+def test_shipped_eval_suites_load_and_search_with_the_index_section():
+    from pathlib import Path
+
+    import yaml
+
+    suites = sorted((Path(__file__).parent.parent / "eval").glob("*.yaml"))
+    assert suites
+    for path in suites:
+        assert "factory" not in yaml.safe_load(path.read_text())["eval"], path
+        assert load_config(path).eval.domain, path

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import TINY_VIT, adapted_run_dir
 
-from mmft.config import EvalConfig, LoraConfig, ModelConfig
+from mmft.config import EvalConfig, IndexConfig, LoraConfig, ModelConfig
 from mmft.embeddings import Embeddings, embed
 from mmft.evaluation.core import (
     EvalRow,
@@ -157,7 +157,7 @@ def test_approximate_factory_reports_recall_lost():
     emb = Embeddings(image=image / np.linalg.norm(image, axis=1, keepdims=True),
                      text=text / np.linalg.norm(text, axis=1, keepdims=True),
                      keys=[str(i) for i in range(3000)], captions=["c"] * 3000, caption_image=caption_image)
-    res = retrieval_results(emb, [1, 5, 10], factory="IVF256,Flat")
+    res = retrieval_results(emb, [1, 5, 10], IndexConfig(factory="IVF256,Flat"))
     loss = approximate_loss(res)
     for d in ("t2i", "i2t"):
         assert loss[d]["R@10"]["exact"] - loss[d]["R@10"]["approximate"] == pytest.approx(loss[d]["R@10"]["loss"])
@@ -165,11 +165,28 @@ def test_approximate_factory_reports_recall_lost():
         assert (res[d]["exact_hits"][10] >= res[d]["hits"][10]).mean() > 0.95  # IVF only finds exact hits
 
 
+def test_index_settings_reach_the_evaluation_search():
+    """index.nprobe probes every list of the same IVF: nothing lost; the default 16 of 256 loses recall."""
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((3000, 24)).astype(np.float32)
+    text = image + 0.8 * rng.standard_normal((3000, 24)).astype(np.float32)
+    emb = Embeddings(image=image / np.linalg.norm(image, axis=1, keepdims=True),
+                     text=text / np.linalg.norm(text, axis=1, keepdims=True),
+                     keys=[str(i) for i in range(3000)], captions=["c"] * 3000, caption_image=np.arange(3000))
+    full = approximate_loss(retrieval_results(emb, [10], IndexConfig(factory="IVF256,Flat", nprobe=256)))
+    some = approximate_loss(retrieval_results(emb, [10], IndexConfig(factory="IVF256,Flat")))
+    for d in ("t2i", "i2t"):
+        assert full[d]["R@10"]["loss"] == 0 and some[d]["R@10"]["loss"] > 1
+    assert retrieval_results(emb, [10], IndexConfig(fp16=True))["t2i"]["factory"] == "SQfp16"
+    assert "exact_hits" not in retrieval_results(emb, [10])["t2i"]  # default: exact Flat below 250,000
+
+
 def test_exhaustive_ivf_through_evaluate_loses_nothing(tuned):
     model, _, _, tok = tuned
-    cfg = EvalConfig(bootstrap=50, factory="IVF4,Flat")  # 4 lists, all probed: exact
-    report = evaluate(model, {"domain": _batches(40, 3)}, tokenizer=tok, eval_cfg=cfg, sweep=False,
-                      progress=False)
+    cfg = EvalConfig(bootstrap=50)
+    icfg = IndexConfig(factory="IVF4,Flat")  # 4 lists, all probed: exact
+    report = evaluate(model, {"domain": _batches(40, 3)}, tokenizer=tok, eval_cfg=cfg, index_cfg=icfg,
+                      sweep=False, progress=False)
     approx = report["approximate"]["domain"]["tuned"]["t2i"]
     for k in ("R@1", "R@5", "R@10"):
         assert approx[k]["loss"] == 0 and approx[k]["exact"] == approx[k]["approximate"]

@@ -136,7 +136,8 @@ def run_demo(out_dir: str = RUNS_PREFIX, data_dir: str = DATA_PREFIX, configs_di
     sets = {"domain": lora_cfg.eval.domain, "general": lora_cfg.eval.general}
     report_dir = Path(out_dir) / "report"
     report = evaluate(tuned.model, sets, tokenizer=tuned.tokenizer, preprocess=tuned.preprocess,
-                      eval_cfg=lora_cfg.eval, data_cfg=lora_cfg.data, rows=rows, out_dir=report_dir,
+                      eval_cfg=lora_cfg.eval, index_cfg=lora_cfg.index, data_cfg=lora_cfg.data, rows=rows,
+                      out_dir=report_dir,
                       info={"runs": {"align": str(align), "head_only": str(head), "tuned": str(tuned_run)},
                             "demo_seconds": None})
     minutes = (time.perf_counter() - t0) / 60

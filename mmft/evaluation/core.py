@@ -5,12 +5,15 @@
 
 Protocol (eval/README.md): every caption queries the images (text->image) and every image queries the
 captions (image->text); an image query hits when ANY of its captions is in the top k. With group ids
-(relevance "group") any item of the same group is relevant. Search goes through FAISS (exact `Flat`
-unless eval_cfg.factory says otherwise); ranks are exact and need O(N * k) memory, not N x N.
+(relevance "group") any item of the same group is relevant. Search goes through a FAISS index built
+with the index settings (mmft.config.IndexConfig: the factory, fp16, nprobe and train_sample the shipped
+index uses; exact `Flat` below 250,000 vectors by default); with an approximate index the exact recall
+is reported beside it. Ranks are exact and need O(N * k) memory, not N x N.
 95% CIs: percentile bootstrap over queries; deltas use the same resampled queries for both rows.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from mmft.evaluation import metrics as M
 from mmft.config import EvalConfig, IndexConfig
+from mmft.evaluation import metrics as M
 
 DIRECTIONS = ("t2i", "i2t")
 # Recommended LoRA scale: maximise the mean of these domain metrics ...
@@ -27,6 +30,7 @@ SWEEP_SCORE = (("t2i", "R@1"), ("t2i", "R@5"), ("i2t", "R@1"), ("i2t", "R@5"))
 # ... while GENERAL R@5 loses at most eval_cfg.max_general_drop points in each direction.
 SWEEP_GUARD = "R@5"
 MAX_GROUPS_SHOWN = 20  # per-group recall is reported for class-like groups only
+EXACT = IndexConfig(factory="Flat")  # the LoRA-scale sweep compares models, not indexes
 
 
 @dataclass
@@ -43,44 +47,52 @@ class EvalRow:
 # ---------------------------------------------------------------- per-query results
 
 
-def _search_rows(gallery: np.ndarray, queries: np.ndarray, k: int, factory: str) -> np.ndarray:
-    """(Q, k) gallery rows of each query's top k through a FAISS index built with `factory`."""
+def _search_rows(gallery: np.ndarray, queries: np.ndarray, k: int, index_cfg: IndexConfig) -> np.ndarray:
+    """(Q, k) gallery rows of each query's top k through a FAISS index built with `index_cfg`."""
     from mmft.index.core import build_index
 
-    index = build_index(gallery, index_cfg=IndexConfig(factory=factory, use_gpu="auto"))
-    return index.search_rows(queries, k)[1]
+    return build_index(gallery, index_cfg=index_cfg).search_rows(queries, k)[1]
 
 
 def direction_results(queries: np.ndarray, gallery: np.ndarray, q_labels: np.ndarray, g_labels: np.ndarray,
-                      ks: list[int], factory: str = "Flat") -> dict:
+                      ks: list[int], index_cfg: IndexConfig | None = None) -> dict:
     """Per-query hits@k, AP@10 and exact first-relevant rank of one direction.
 
     Queries without any relevant gallery item are left out. Returns {"hits": {k: (Q,) bool},
-    "ap10": (Q,), "rank": (Q,) int, "gallery": N, and, for an approximate factory, "exact_hits"/"exact_ap10"}.
+    "ap10": (Q,), "rank": (Q,) int, "gallery": N, "factory": the index factory used, and, for an
+    approximate factory, "exact_hits"/"exact_ap10"}. index_cfg: the index settings (default IndexConfig()).
     """
+    from mmft.index.faiss_backend import resolve_factory
+
+    cfg = index_cfg or IndexConfig()
+    factory = resolve_factory(cfg.factory, len(gallery), cfg.fp16)
     keep = M.relevant_counts(q_labels, g_labels) > 0
     queries, q_labels = queries[keep], q_labels[keep]
     k = max(max(ks), M.AP_DEPTH)
-    exact = M.search_metrics(_search_rows(gallery, queries, k, "Flat"), q_labels, g_labels, ks)
+    exact_cfg = dataclasses.replace(cfg, factory="Flat", fp16=False)
+    exact = M.search_metrics(_search_rows(gallery, queries, k, exact_cfg), q_labels, g_labels, ks)
     rank = exact["first"] + 1  # exact search: position of the first relevant item
     miss = np.flatnonzero(exact["first"] < 0)
     if len(miss):  # beyond the top k: count the items scoring higher (O(block) memory)
         rank[miss] = M.exact_first_ranks(queries[miss], gallery, q_labels[miss], g_labels)
-    out = {"hits": exact["hits"], "ap10": exact["ap10"], "rank": rank, "gallery": len(gallery), "labels": q_labels}
+    out = {"hits": exact["hits"], "ap10": exact["ap10"], "rank": rank, "gallery": len(gallery),
+           "labels": q_labels, "factory": factory}
     if factory != "Flat":
-        approx = M.search_metrics(_search_rows(gallery, queries, k, factory), q_labels, g_labels, ks)
+        approx_cfg = dataclasses.replace(cfg, factory=factory, fp16=False)  # the factory already says fp16
+        approx = M.search_metrics(_search_rows(gallery, queries, k, approx_cfg), q_labels, g_labels, ks)
         out.update(hits=approx["hits"], ap10=approx["ap10"], exact_hits=exact["hits"], exact_ap10=exact["ap10"])
     return out
 
 
-def retrieval_results(emb, ks: list[int], factory: str = "Flat", relevance: str = "auto") -> dict:
+def retrieval_results(emb, ks: list[int], index_cfg: IndexConfig | None = None,
+                      relevance: str = "auto") -> dict:
     """{"t2i": ..., "i2t": ...} per-query results (see `direction_results`) of an Embeddings set."""
     if relevance == "auto":
         relevance = "group" if emb.groups is not None and all(g is not None for g in emb.groups) else "instance"
     labels = M.relevance_labels(emb.caption_image, len(emb.keys), emb.groups, relevance)
     image, text = np.asarray(emb.image, np.float32), np.asarray(emb.text, np.float32)
-    out = {"t2i": direction_results(text, image, *labels["t2i"], ks, factory),
-           "i2t": direction_results(image, text, *labels["i2t"], ks, factory)}
+    out = {"t2i": direction_results(text, image, *labels["t2i"], ks, index_cfg),
+           "i2t": direction_results(image, text, *labels["i2t"], ks, index_cfg)}
     out["relevance"] = relevance
     if relevance == "group":
         out["group_names"] = M.group_codes(emb.groups)[0]  # the names of the label ids relevance_labels gave
@@ -100,7 +112,8 @@ def per_group_recall(res: dict, k: int = 1) -> dict[str, dict] | None:
 
 
 def metric_vectors(res: dict, exact: bool = False) -> dict[str, np.ndarray]:
-    """Per-query values in points (0-100) of one direction: R@k and mAP@10."""
+    """Per-query values in points (0-100) of one direction: R@k and mAP@10 (exact: of the exact search)."""
+    exact = exact and "exact_hits" in res  # an exact factory has one set of results
     hits, ap = (res["exact_hits"], res["exact_ap10"]) if exact else (res["hits"], res["ap10"])
     out = {f"R@{k}": 100.0 * h.astype(np.float64) for k, h in hits.items()}
     out["mAP@10"] = 100.0 * ap
@@ -134,7 +147,9 @@ def summarize_rows(results: dict[str, dict], n_boot: int, seed: int = 0) -> tupl
 
 
 def approximate_loss(res: dict) -> dict:
-    """Exact minus approximate R@k / mAP@10 (points) per direction, for an approximate factory."""
+    """Exact minus approximate R@k / mAP@10 (points) per direction, for an approximate factory.
+
+    A direction whose gallery got an exact index (below the approximate size) loses nothing."""
     out = {}
     for d in DIRECTIONS:
         ex, ap = metric_vectors(res[d], exact=True), metric_vectors(res[d])
@@ -219,7 +234,7 @@ def lora_sweep(model, tokenizer, preprocess, embedder: _Embedder, cfg: EvalConfi
         point: dict = {"lora_scale": a}
         for set_name in [s for s in ("domain", "general") if s in embedder.sets]:
             emb = embedder(set_name, model, tokenizer, preprocess, a)
-            point[set_name] = _means(retrieval_results(emb, ks, "Flat", _relevance_for(relevance, set_name)))
+            point[set_name] = _means(retrieval_results(emb, ks, EXACT, _relevance_for(relevance, set_name)))
         points.append(point)
     best, rule = recommend_scale(points, cfg.max_general_drop)
     return {"points": points, "recommended_lora_scale": best, "rule": rule}
@@ -237,7 +252,8 @@ def _set_info(emb, res: dict) -> dict:
 
 
 def evaluate(model, sets: dict[str, Any], *, tokenizer=None, preprocess=None, eval_cfg: EvalConfig | None = None,
-             data_cfg=None, rows: list[EvalRow] | None = None, sweep: bool | None = None,
+             index_cfg: IndexConfig | None = None, data_cfg=None, rows: list[EvalRow] | None = None,
+             sweep: bool | None = None,
              relevance: str | dict = "auto", out_dir: str | Path | None = None, seed: int = 0,
              progress: bool = True, info: dict | None = None) -> dict:
     """Score named rows (default: baseline at LoRA scale 0 and tuned at 1) on named sets -> report dict.
@@ -248,13 +264,15 @@ def evaluate(model, sets: dict[str, Any], *, tokenizer=None, preprocess=None, ev
     sweep: run the LoRA-scale sweep over eval_cfg.lora_scales (default: when `model` has an adapter);
     the model at the recommended scale then gets its own row ("tuned @ scale a") unless a row has that scale.
     relevance: "auto" (group when every image has a group id, else instance), "instance", "group",
-    or a dict per set name. With out_dir, writes report.json, report.md and PNG plots there
+    or a dict per set name. index_cfg: the index settings searches use (default IndexConfig(): exact
+    below 250,000 vectors); an approximate index adds a table of the recall it loses. With out_dir,
+    writes report.json, report.md and PNG plots there
     (mmft.evaluation.report); `info` is added to the report as is.
     """
     from mmft import __version__
     from mmft.embeddings import model_fingerprint
 
-    cfg = eval_cfg or EvalConfig()
+    cfg, icfg = eval_cfg or EvalConfig(), index_cfg or IndexConfig()
     if not sets:
         raise ValueError("evaluate needs at least one named set, e.g. {'domain': ['test-{00000..00003}.tar']}")
     start = time.time()
@@ -269,24 +287,29 @@ def evaluate(model, sets: dict[str, Any], *, tokenizer=None, preprocess=None, ev
     if sweep_report is not None:
         rows = rows + recommended_rows(rows, sweep_report["recommended_lora_scale"])
     report: dict = {"mmft_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(info or {}),
-                    "config": {"ks": list(cfg.ks), "bootstrap": cfg.bootstrap, "factory": cfg.factory,
+                    "config": {"ks": list(cfg.ks), "bootstrap": cfg.bootstrap, "factory": None,
+                               "index": dataclasses.asdict(icfg),
                                "seed": seed, "ci_level": 0.95, "relevance": relevance,
                                "lora_scales": list(cfg.lora_scales), "max_general_drop": cfg.max_general_drop},
                     "model": model_fingerprint(model), "rows": [r.name for r in rows], "sets": {}, "metrics": {},
                     "deltas": {}, "approximate": {}, "per_group": {}}
+    factories: set[str] = set()  # what the searches used: the factory depends on the gallery size
     for set_name in sets:
         results = {}
         for row in rows:
             m = row.model if row.model is not None else model
             emb = embedder(set_name, m, row.tokenizer or tokenizer, row.preprocess or preprocess, row.lora_scale)
-            results[row.name] = retrieval_results(emb, cfg.ks, cfg.factory, _relevance_for(relevance, set_name))
-            groups = per_group_recall(results[row.name])
+            res = retrieval_results(emb, cfg.ks, icfg, _relevance_for(relevance, set_name))
+            results[row.name] = res
+            factories.update(res[d]["factory"] for d in DIRECTIONS)
+            groups = per_group_recall(res)
             if groups is not None:
                 report["per_group"].setdefault(set_name, {})[row.name] = groups
-            if cfg.factory != "Flat":
-                report["approximate"].setdefault(set_name, {})[row.name] = approximate_loss(results[row.name])
+            if any("exact_hits" in res[d] for d in DIRECTIONS):
+                report["approximate"].setdefault(set_name, {})[row.name] = approximate_loss(res)
         report["sets"][set_name] = _set_info(emb, results[rows[-1].name])
         report["metrics"][set_name], report["deltas"][set_name] = summarize_rows(results, cfg.bootstrap, seed)
+    report["config"]["factory"] = ", ".join(sorted(factories))
     report["sweep"] = sweep_report
     report["seconds"] = round(time.time() - start, 2)
     if out_dir is not None:
@@ -310,10 +333,12 @@ def _run_data_config(run_dir: Path):
 
 
 def evaluate_run(run_dir: str | Path, eval_cfg: EvalConfig | None = None, out_dir: str | Path | None = None, *,
-                 data_cfg=None, relevance: str | dict = "auto", seed: int = 0, progress: bool = True) -> dict:
+                 index_cfg: IndexConfig | None = None, data_cfg=None, relevance: str | dict = "auto",
+                 seed: int = 0, progress: bool = True) -> dict:
     """`mmft eval`: load base + adapter from `run_dir`, evaluate on eval_cfg.domain / .general, write the report.
 
-    out_dir defaults to run_dir/eval; data_cfg (caption/group fields) defaults to the run's saved config.
+    out_dir defaults to run_dir/eval; data_cfg (caption/group fields) defaults to the run's saved config;
+    index_cfg: the settings of the index searches go through (see `evaluate`).
     """
     from mmft.model.adapter import load_model
 
@@ -325,6 +350,7 @@ def evaluate_run(run_dir: str | Path, eval_cfg: EvalConfig | None = None, out_di
     model, preprocess, tokenizer = load_model(run_dir)
     sets = {"domain": list(cfg.domain), **({"general": list(cfg.general)} if cfg.general else {})}
     report = evaluate(model, sets, tokenizer=tokenizer, preprocess=preprocess, eval_cfg=cfg,
+                      index_cfg=index_cfg,
                       data_cfg=data_cfg or _run_data_config(run_dir), relevance=relevance,
                       out_dir=Path(out_dir) if out_dir is not None else run_dir / "eval", seed=seed,
                       progress=progress, info={"run_dir": str(run_dir)})
