@@ -128,3 +128,61 @@ def test_load_model_from_run_dir_errors(tmp_path):
         load_model(tmp_path)
     with pytest.raises(FileNotFoundError, match="adapter_config.json is missing"):
         load_adapter(create_model(ModelConfig(name="tiny-vit", model_cfg=TINY_VIT))[0], tmp_path)
+
+
+def _damage_adapter(folder, kind: str) -> None:
+    weights, config = folder / "adapter_model.safetensors", folder / "adapter_config.json"
+    meta = json.loads(config.read_text())
+    if kind == "truncated tensors":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif kind == "flipped byte":
+        raw = bytearray(weights.read_bytes())
+        raw[-7] ^= 0xFF
+        weights.write_bytes(bytes(raw))
+    elif kind == "missing tensors":
+        weights.unlink()
+    elif kind == "rank edited":
+        meta["lora"]["image"]["rank"] = 4
+    elif kind == "field of wrong type":
+        meta["full"] = "text_projection"
+    elif kind == "missing field":
+        del meta["base_model"]
+    elif kind == "broken json":
+        config.write_text('{"format": "mmft-lora-1", ')
+        return
+    config.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("kind", ["truncated tensors", "flipped byte", "missing tensors", "rank edited",
+                                  "field of wrong type", "missing field", "broken json"])
+def test_damaged_adapter_is_refused_in_one_sentence_naming_the_file(tmp_path, tiny_vit_cfg, kind):
+    from mmft.model.adapter import AdapterLoadError
+
+    model, _ = _tuned(tiny_vit_cfg)
+    save_adapter(model, tmp_path / "ad")
+    _damage_adapter(tmp_path / "ad", kind)
+    torch.manual_seed(0)
+    fresh, *_ = create_model(tiny_vit_cfg)
+    with pytest.raises(AdapterLoadError) as exn:
+        load_adapter(fresh, tmp_path / "ad")
+    message = str(exn.value)
+    assert str(tmp_path / "ad") in message and "\n" not in message
+
+
+def test_base_checkpoint_with_a_pickle_payload_is_refused_without_running_it(tmp_path):
+    from mmft.model.factory import ModelLoadError
+
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):  # unpickling would call open(marker, "w"), creating the file
+            return (open, (str(marker), "w"))
+
+    state = create_model(ModelConfig(name="tiny-vit", model_cfg=TINY_VIT))[0].state_dict()
+    torch.save({**state, "extra": Payload()}, tmp_path / "base.pt")
+    cfg = ModelConfig(name="tiny-vit", model_cfg=TINY_VIT, pretrained=str(tmp_path / "base.pt"))
+    with pytest.raises(ModelLoadError, match=r"base\.pt holds pickled Python objects .*weights_only=True") as exn:
+        create_model(cfg)
+    assert not marker.exists() and "\n" not in str(exn.value)
+    torch.save(state, tmp_path / "base.pt")  # the same tensors as a plain state dict load
+    assert create_model(cfg)[0].mmft_identity["sha256"]

@@ -25,8 +25,16 @@ ADAPTER_CONFIG = "adapter_config.json"
 FORMAT = "mmft-lora-1"
 
 
-class AdapterMismatchError(ValueError):
+class AdapterLoadError(ValueError):
+    """An adapter folder that is missing a file, damaged or inconsistent; the message names the file."""
+
+
+class AdapterMismatchError(AdapterLoadError):
     """An adapter that does not belong to the model it is loaded onto."""
+
+
+# adapter_config.json fields and their JSON types, checked before any is used
+_CONFIG_FIELDS = {"base_model": dict, "lora": dict, "adapted": dict, "full": list, "digest": (str, type(None))}
 
 
 def adapter_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -42,8 +50,13 @@ def adapter_digest(model: torch.nn.Module) -> str | None:
     """sha256 over the adapter tensors (names, shapes, bytes); None when the model has no adapter."""
     if getattr(model, "mmft_lora", None) is None:
         return None
+    return tensor_digest(adapter_tensors(model))
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over named tensors in name order (names, shapes, values as float32 bytes)."""
     h = hashlib.sha256()
-    for name, t in adapter_tensors(model).items():
+    for name, t in sorted(tensors.items()):
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(t.float().numpy().tobytes())
@@ -75,10 +88,43 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     path = Path(adapter_dir) / ADAPTER_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"no adapter in '{adapter_dir}': {ADAPTER_CONFIG} is missing")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
-        raise AdapterMismatchError(f"'{path}' is not an mmft adapter (format {meta.get('format')!r}, expected {FORMAT})")
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise AdapterLoadError(f"{path} is not valid JSON ({e}): the adapter folder is damaged; save it again") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise AdapterMismatchError(f"'{path}' is not an mmft adapter (format {found!r}, expected {FORMAT})")
+    for name, kind in _CONFIG_FIELDS.items():
+        if not isinstance(meta.get(name), kind):
+            got = "missing" if name not in meta else f"of type {type(meta[name]).__name__}"
+            want = kind[0] if isinstance(kind, tuple) else kind
+            raise AdapterLoadError(f"{path}: field '{name}' is {got}, expected {want.__name__}; the adapter "
+                                   "config is damaged or was edited: save the adapter again")
+    try:
+        config_from_dict({"lora": meta["lora"]})
+    except ValueError as e:
+        raise AdapterLoadError(f"{path}: field 'lora' is not a LoRA config ({e}); save the adapter again") from None
     return meta
+
+
+def read_adapter_tensors(adapter_dir: str | Path, meta: dict) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter folder, checked against the digest its config records."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise AdapterLoadError(f"no adapter tensors in '{adapter_dir}': {ADAPTER_WEIGHTS} is missing; save it again")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise AdapterLoadError(f"{path} is not a readable safetensors file ({e}): the adapter is damaged or "
+                               "cut short; save it again") from None
+    if meta.get("digest") and tensor_digest(tensors) != meta["digest"]:
+        raise AdapterLoadError(f"the tensors in {path} do not match the digest recorded in {ADAPTER_CONFIG}: "
+                               "the file is damaged or belongs to another adapter; save the adapter again")
+    return tensors
 
 
 def _describe(ident: dict) -> str:
@@ -104,13 +150,11 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, partial: bo
     partial=True loads only the tensors the model's own adapter layout also has (e.g. the heads of a
     head-only run as the starting point of a LoRA run) and leaves the rest as they are.
     """
-    from safetensors.torch import load_file
-
     meta = read_adapter_config(adapter_dir)
     check_identity(meta["base_model"], model, f"the adapter in '{adapter_dir}'")
     if getattr(model, "mmft_lora", None) is None:
         apply_lora(model, config_from_dict({"lora": meta["lora"]}).lora)
-    tensors = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
+    tensors = read_adapter_tensors(adapter_dir, meta)
     params = dict(model.named_parameters())
     expected = {n for n in params if ".lora_" in n} | set(model.mmft_lora["full"])
     if partial:
@@ -128,8 +172,9 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, partial: bo
         set_lora_scale(model, 1.0)
     for name, t in tensors.items():
         if params[name].shape != t.shape:
-            raise AdapterMismatchError(f"adapter tensor {name} has shape {tuple(t.shape)}, "
-                                       f"the model needs {tuple(params[name].shape)}")
+            raise AdapterMismatchError(f"adapter tensor {name} in '{adapter_dir}' has shape {tuple(t.shape)}, "
+                                       f"the model needs {tuple(params[name].shape)}: its {ADAPTER_CONFIG} "
+                                       "does not describe its tensors")
         params[name].copy_(t)
     if scale != 1.0:
         set_lora_scale(model, scale)

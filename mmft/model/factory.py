@@ -14,6 +14,8 @@ import importlib.resources
 import json
 import logging
 import os
+import pickle
+import re
 import shutil
 import socket
 import tempfile
@@ -237,6 +239,15 @@ def _ensure_downloadable(name: str, tag: str, cache_dir: str | None) -> None:
         )
 
 
+def _pickle_refusal(path: str, error: Exception) -> str:
+    """The sentence for a checkpoint that needs more than tensors to load (it could run code)."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    what = f" (it asks for {found.group(1)})" if found else ""
+    return (f"{path} holds pickled Python objects besides tensors{what}; mmft loads checkpoints with "
+            "torch.load(weights_only=True) so that no file can run code: if you trust its source, re-save it "
+            "as a plain state dict (torch.save(state_dict, path)) or as .safetensors")
+
+
 def create_model(model_cfg: ModelConfig, *, device: str | torch.device = "cpu"):
     """Build a dual encoder -> (model, preprocess_train, preprocess_val, tokenizer).
 
@@ -259,8 +270,10 @@ def create_model(model_cfg: ModelConfig, *, device: str | torch.device = "cpu"):
     try:
         with _quiet_loading():
             model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-                name, pretrained=model_cfg.pretrained, **kwargs
+                name, pretrained=model_cfg.pretrained, weights_only=True, **kwargs
             )
+    except pickle.UnpicklingError as e:
+        raise ModelLoadError(_pickle_refusal(model_cfg.pretrained, e)) from None
     except (OSError, RuntimeError, ValueError) as e:
         if is_tag:
             raise ModelLoadError(
