@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -37,7 +38,8 @@ def cmd_eval(args) -> int:
     from mmft.evaluation.core import evaluate_run
 
     cfg = _config(args)
-    report = evaluate_run(args.run, cfg.eval, args.out, data_cfg=cfg.data if args.config else None)
+    report = evaluate_run(args.run, cfg.eval, args.out, index_cfg=cfg.index,
+                          data_cfg=cfg.data if args.config else None)
     out = Path(args.out) if args.out else Path(args.run) / "eval"
     print((out / "report.md").read_text() if (out / "report.md").is_file() else json.dumps(report, indent=1))
     return 0
@@ -67,7 +69,7 @@ def cmd_index_query(args) -> int:
     from mmft.index.core import query_index
 
     kind = "image" if args.image else "text"
-    results = query_index(args.index, args.run, **{kind: args.query}, k=args.k)
+    results = query_index(args.index, args.run, **{kind: args.query}, k=args.k, index_cfg=_config(args).index)
     for query, hits in zip(args.query, results):
         print(f"{query}")
         for h in hits:
@@ -78,17 +80,19 @@ def cmd_index_query(args) -> int:
 def cmd_index_merge(args) -> int:
     from mmft.index.distributed import merge_index_parts
 
-    merge_index_parts(args.parts, args.out)
+    merge_index_parts(args.parts, args.out, _config(args).index)
     print(f"merged index: {args.out}")
     return 0
 
 
 def cmd_embed(args) -> int:
-    from mmft.index.distributed import embed_run
     from mmft.distributed import init_from_env
+    from mmft.index.distributed import embed_run
 
+    cfg = _config(args)
     init_from_env()
-    embed_run(args.run, args.shards, args.out, lora_scale=args.lora_scale)
+    scale = cfg.index.lora_scale if args.lora_scale is None else args.lora_scale
+    embed_run(args.run, args.shards, args.out, lora_scale=scale, data_cfg=cfg.data, fp16=cfg.index.fp16)
     return 0
 
 
@@ -96,7 +100,8 @@ def cmd_export(args) -> int:
     from mmft.model.adapter import export, load_model
 
     model = load_model(args.run, adapter=args.adapter).model
-    path = export(model, args.out, lora_scale=args.lora_scale)
+    scale = _config(args).index.lora_scale if args.lora_scale is None else args.lora_scale  # as the index
+    path = export(model, args.out, lora_scale=scale)
     print(f"exported merged open_clip state dict: {path} (config: {path.with_suffix('.json')})")
     return 0
 
@@ -114,6 +119,9 @@ def cmd_demo(args) -> int:
     run_demo(out_dir=args.out, data_dir=args.data, configs_dir=args.configs, quick=args.quick,
              overrides=args.overrides)
     return 0
+
+
+SCALE_HELP = "scale of the fine-tuning delta (default: index.lora_scale, 1.0)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--shards", required=True, nargs="+", help="gallery shard specs")
     sp.add_argument("--out", help="index directory (default RUN/index)")
     sp.add_argument("--factory", help="FAISS factory string (default: chosen from the gallery size)")
-    sp.add_argument("--lora-scale", type=float, help="scale of the fine-tuning delta (default 1.0)")
+    sp.add_argument("--lora-scale", type=float, help=SCALE_HELP)
     with_config(sp)
     sp.set_defaults(fn=cmd_index_build)
     sp = idx.add_parser("query", help="top-k gallery ids for text (or image paths with --image)")
@@ -151,10 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-k", type=int, default=5)
     sp.add_argument("--image", action="store_true", help="queries are image files")
     sp.add_argument("--run", help="run directory of the model (default: the one recorded in the index)")
+    with_config(sp)
     sp.set_defaults(fn=cmd_index_query)
     sp = idx.add_parser("merge", help="merge per-rank index parts into one index")
     sp.add_argument("parts", nargs="+", help="part directories written by `mmft embed`")
     sp.add_argument("--out", required=True)
+    with_config(sp)
     sp.set_defaults(fn=cmd_index_merge)
 
     sp = sub.add_parser("embed", help="embed a gallery into part files (one per rank under torchrun)")
@@ -162,14 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--run", "--run-dir", dest="run", required=True)
     sp.add_argument("--shards", required=True, nargs="+")
     sp.add_argument("--out", required=True)
-    sp.add_argument("--lora-scale", type=float, default=1.0)
+    sp.add_argument("--lora-scale", type=float, help=SCALE_HELP)
+    with_config(sp)
     sp.set_defaults(fn=cmd_embed)
 
     sp = sub.add_parser("export", help="merge the adapter into a plain open_clip state dict")
     sp.add_argument("--run", required=True)
     sp.add_argument("--out", required=True, help="output .pt path")
     sp.add_argument("--adapter", default="best", help="best, last, or an adapter directory")
-    sp.add_argument("--lora-scale", type=float, help="scale of the fine-tuning delta (default 1.0)")
+    sp.add_argument("--lora-scale", type=float, help=SCALE_HELP)
+    with_config(sp)
     sp.set_defaults(fn=cmd_export)
 
     from mmft.data.shard_writer import add_arguments as shard_arguments
@@ -188,8 +200,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# A dotted override (section.key=value) among positionals or list options such as --shards.
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=")
+
+
+def _split_overrides(args, extra: list[str] = ()) -> list[str]:
+    """Move dotted overrides to args.overrides: those argparse gave to a list argument (--shards a.tar
+    x.y=1) and those left over after options (merge P --out X x.y=1); return what is neither."""
+    if not hasattr(args, "overrides"):
+        return list(extra)
+    found = [x for x in extra if _OVERRIDE.match(x)]
+    for name in ("shards", "query", "parts"):
+        items = getattr(args, name, None)
+        if isinstance(items, list):
+            setattr(args, name, [x for x in items if not _OVERRIDE.match(x)])
+            found = [x for x in items if _OVERRIDE.match(x)] + found
+    args.overrides = found + list(args.overrides or [])
+    return [x for x in extra if not _OVERRIDE.match(x)]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line parsed, every dotted override (wherever it stands) in args.overrides."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = _split_overrides(args, extra)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:

@@ -222,8 +222,8 @@ def _migrate(values: dict) -> dict:
     if old in ("Flat", index.get("factory") or "Flat"):
         return values
     if index.get("factory"):
-        raise ConfigError(f"config key 'eval.factory' ({old!r}) is now 'index.factory', which this config also "
-                          f"sets ({index['factory']!r}): keep one value under index.factory")
+        raise ConfigError(f"config key 'eval.factory' ({old!r}) is now 'index.factory', which this config "
+                          f"also sets ({index['factory']!r}): keep one value under index.factory")
     logging.getLogger("mmft.config").warning(
         "config key 'eval.factory' is now 'index.factory' (evaluation searches with the index settings); "
         "reading %r as index.factory", old)

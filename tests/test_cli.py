@@ -68,3 +68,35 @@ def test_train_export_index_query(tmp_path, capsys):
 
     with pytest.raises(Exception, match="LoRA scale|scale"):
         load_index(tmp_path / "idx0", model=load_model(run).model)
+
+    # one config reaches embed and merge too: the scale, the loader and the factory come from it
+    parts = tmp_path / "parts"
+    assert main(["embed", "--run", str(run), "--shards", test_shards, "--out", str(parts), "--config",
+                 str(tmp_path / "run.yaml"), "index.lora_scale=0.0"]) == 0
+    assert yaml.safe_load((parts / "parts.json").read_text())["lora_scale"] == 0.0
+    assert main(["index", "merge", str(parts), "--out", str(tmp_path / "merged"),
+                 "index.factory=HNSW32"]) == 0
+    merged = load_index(tmp_path / "merged")
+    assert merged.manifest["factory"] == "HNSW32" and merged.manifest["adapter_sha256"] is None  # scale 0
+    assert sorted(merged.ids.tolist()) == sorted(load_index(tmp_path / "idx0").ids.tolist())
+
+
+def test_every_stage_verb_takes_config_and_overrides(tmp_path):
+    from mmft.cli import parse_args
+
+    verbs = [["train"], ["eval", "--run", "R"], ["index", "build", "--run", "R", "--shards", "a.tar"],
+             ["index", "query", "IX", "a query"], ["index", "merge", "P", "--out", "X"],
+             ["embed", "--run", "R", "--shards", "a.tar", "--out", "P"],
+             ["export", "--run", "R", "--out", "m.pt"]]
+    for verb in verbs:
+        args = parse_args([*verb, "--config", "c.yaml", "index.nprobe=3", "data.batch_size=4"])
+        assert args.config == "c.yaml" and args.overrides == ["index.nprobe=3", "data.batch_size=4"], verb
+    # argparse gives the first override to --shards, the second stands after an option: both are config
+    args = parse_args(["index", "build", "--run", "R", "--shards", "a.tar", "b/x=1.tar", "index.factory=Flat",
+                       "--out", "X", "index.nprobe=2"])
+    assert args.shards == ["a.tar", "b/x=1.tar"]
+    assert args.overrides == ["index.factory=Flat", "index.nprobe=2"]
+    args = parse_args(["index", "query", "IX", "a red.square=1 query", "index.nprobe=2"])
+    assert args.query == ["a red.square=1 query"] and args.overrides == ["index.nprobe=2"]
+    with pytest.raises(SystemExit):
+        parse_args(["index", "merge", "P", "--out", "X", "stray"])

@@ -195,6 +195,22 @@ def test_broken_index_directories_give_clear_errors(tmp_path):
         load_index(tmp_path / "ix")
 
 
+def test_query_probes_as_many_lists_as_the_index_settings_say(tmp_path):
+    rng = np.random.default_rng(5)
+    g = _unit(rng.standard_normal((400, 16)))
+    ids = [f"g{i}" for i in range(400)]
+    cfg = IndexConfig(factory="IVF16,Flat", nprobe=1, use_gpu="never")
+    build_index(g, tmp_path / "ix", ids=ids, index_cfg=cfg)
+    q = _unit(g[:20] + 0.5 * rng.standard_normal((20, 16)))
+    exact = [[ids[j] for j in row] for row in np.argsort(-(q @ g.T), axis=1)[:, :5]]  # (20, 5)
+
+    def hits(cfg):
+        return [[h["id"] for h in row] for row in query_index(tmp_path / "ix", vector=q, k=5, index_cfg=cfg)]
+
+    assert hits(IndexConfig(nprobe=16, use_gpu="never")) == exact  # every list probed: exact
+    assert hits(IndexConfig(use_gpu="never")) != exact  # the manifest's nprobe 1 misses some
+
+
 def test_caption_ids_count_each_images_captions_in_row_order():
     assert caption_ids(["a", "b"], np.array([1, 0, 1, 1, 0])) == ["b/0", "a/0", "b/1", "b/2", "a/1"]
 

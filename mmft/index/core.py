@@ -331,23 +331,26 @@ def _model_for(index_dir: Path, manifest: dict, model):
 
 
 def query_index(index_dir: str | Path, model=None, *, text=None, image=None, vector=None, k: int = 10,
-                tokenizer=None, preprocess=None) -> list[list[dict]]:
+                tokenizer=None, preprocess=None, index_cfg: IndexConfig | None = None) -> list[list[dict]]:
     """`mmft index query`: top-k gallery ids for text(s), image path(s)/PIL image(s) or vector(s).
 
     model: a run directory (loaded at the index's LoRA scale), a model (checked against the manifest),
     a (model, preprocess, tokenizer) triple, or None to load the run directory recorded in the manifest.
-    Returns one list per query of {"rank", "id", "score"}.
+    index_cfg: its use_gpu, and its nprobe when not 0 (else the manifest's). Returns one list per query
+    of {"rank", "id", "score"}.
     """
+    cfg = index_cfg or IndexConfig()
     index_dir = Path(index_dir)
     given = sum(x is not None for x in (text, image, vector))
     if given != 1:
         raise ValueError("query_index takes exactly one of text=, image= or vector=")
     if vector is not None:
-        index = load_index(index_dir)
-        scores, ids = index.search(np.atleast_2d(np.asarray(vector, dtype=np.float32)), k)
+        index = load_index(index_dir, use_gpu=cfg.use_gpu)
+        scores, ids = index.search(np.atleast_2d(np.asarray(vector, dtype=np.float32)), k, nprobe=cfg.nprobe)
     else:
         m, pre, tok = _model_for(index_dir, read_manifest(index_dir), model)
-        index = load_index(index_dir, model=m)
+        index = load_index(index_dir, model=m, use_gpu=cfg.use_gpu)
+        set_search_params(index.index, nprobe=cfg.nprobe)
         if text is not None:
             scores, ids = index.search_text(text, m, tokenizer or tok, k)
         else:
