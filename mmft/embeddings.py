@@ -70,11 +70,55 @@ class Embeddings:
         if not man.is_file():
             raise EmbeddingsError(f"no embeddings in {path}: manifest.json is missing (an interrupted run?); "
                                   "embed again with out_dir set to this folder")
-        meta = json.loads(man.read_text())
-        items = json.loads((path / "items.json").read_text())
-        arrays = {n: np.load(path / f"{n}.npy", mmap_mode="r" if mmap else None) for n in _ARRAYS}
+        meta, items = _read_listing(path)
+        arrays = {n: _load_array(path / f"{n}.npy", mmap) for n in _ARRAYS}
+        _check_shapes(path, meta, arrays)
         return cls(keys=items["keys"], captions=items["captions"], groups=items["groups"],
-                   meta=meta.get("meta", {}), **arrays)
+                   meta=meta["meta"], **arrays)
+
+
+_FIX = "the embeddings folder is damaged or incomplete: embed again with out_dir set to this folder"
+
+
+def _read_listing(path: Path) -> tuple[dict, dict]:
+    """manifest.json and items.json of an embeddings folder, their fields and lengths checked."""
+    from mmft.io import read_json_object
+
+    fields = {"format": (int,), "images": (int,), "captions": (int,), "dim": (int,), "meta": (dict,)}
+    meta = read_json_object(path / "manifest.json", fields, EmbeddingsError, _FIX)
+    if meta["format"] > EMBEDDINGS_FORMAT:
+        raise EmbeddingsError(f"{path / 'manifest.json'} has format {meta['format']}, newer than this mmft "
+                              f"reads ({EMBEDDINGS_FORMAT}): upgrade mmft or embed again")
+    fields = {"keys": (list,), "captions": (list,), "groups": (list, type(None))}
+    items = read_json_object(path / "items.json", fields, EmbeddingsError, _FIX)
+    for name, want in (("keys", meta["images"]), ("captions", meta["captions"]), ("groups", meta["images"])):
+        if items[name] is not None and len(items[name]) != want:
+            raise EmbeddingsError(f"{path / 'items.json'} lists {len(items[name])} {name} but manifest.json "
+                                  f"records {want}; {_FIX}")
+    return meta, items
+
+
+def _load_array(file: Path, mmap: bool) -> np.ndarray:
+    if not file.is_file():
+        raise EmbeddingsError(f"{file} is missing; {_FIX}")
+    try:  # allow_pickle stays False: an .npy holding Python objects is refused, never unpickled
+        return np.load(file, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise EmbeddingsError(f"{file} is not a readable .npy array ({str(e)[:120]}); {_FIX}") from None
+
+
+def _check_shapes(path: Path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+    """Rows and widths as the manifest records them (an unembedded modality has 0 columns or 0 rows)."""
+    n_img, n_cap, dim = meta["images"], meta["captions"], meta["dim"]
+    image, text, cap = arrays["image"], arrays["text"], arrays["caption_image"]
+    fits = {"image": image.ndim == 2 and len(image) == n_img and image.shape[1] in (dim, 0),
+            "text": text.ndim == 2 and len(text) in (n_cap, 0) and text.shape[1] in (dim, 0),
+            "caption_image": cap.shape == (n_cap,) and cap.dtype.kind == "i"}
+    for name, ok in fits.items():
+        if not ok:
+            raise EmbeddingsError(f"{path / name}.npy has shape {arrays[name].shape}, which does not fit the "
+                                  f"{n_img} images, {n_cap} captions and dim {dim} that manifest.json records; "
+                                  f"{_FIX}")
 
 
 def _write_items(out_dir: Path, keys, captions, groups) -> None:

@@ -155,3 +155,41 @@ def test_package_level_embed_works_after_the_submodule_is_imported(tiny):
     model, _, tok = tiny
     emb = mmft.embed(model, _batches(n=3), tokenizer=tok, progress=False)
     assert emb.image.shape == (3, 32)
+
+
+def _damage_embeddings(folder, kind: str) -> None:
+    import json
+
+    if kind == "no manifest (interrupted)":
+        (folder / "manifest.json").unlink()
+    elif kind == "missing array":
+        (folder / "text.npy").unlink()
+    elif kind == "truncated array":
+        raw = (folder / "image.npy").read_bytes()
+        (folder / "image.npy").write_bytes(raw[: len(raw) // 2])
+    elif kind == "pickled array":
+        np.save(folder / "caption_image.npy", np.array([{"not": "numbers"}], dtype=object), allow_pickle=True)
+    elif kind == "missing items":
+        (folder / "items.json").unlink()
+    elif kind == "items too short":
+        items = json.loads((folder / "items.json").read_text())
+        (folder / "items.json").write_text(json.dumps({**items, "keys": items["keys"][:-1]}))
+    elif kind == "manifest field of wrong type":
+        man = json.loads((folder / "manifest.json").read_text())
+        (folder / "manifest.json").write_text(json.dumps({**man, "images": "19"}))
+    elif kind == "manifest count edited":
+        man = json.loads((folder / "manifest.json").read_text())
+        (folder / "manifest.json").write_text(json.dumps({**man, "dim": man["dim"] + 1}))
+
+
+@pytest.mark.parametrize("kind", ["no manifest (interrupted)", "missing array", "truncated array", "pickled array",
+                                  "missing items", "items too short", "manifest field of wrong type",
+                                  "manifest count edited"])
+def test_partial_or_damaged_embeddings_are_refused_in_one_sentence(tiny, tmp_path, kind):
+    model, _, tok = tiny
+    embed(model, _batches(), tokenizer=tok, out_dir=tmp_path / "emb", progress=False)
+    assert len(Embeddings.load(tmp_path / "emb").keys) == 19
+    _damage_embeddings(tmp_path / "emb", kind)
+    with pytest.raises(EmbeddingsError) as exn:
+        Embeddings.load(tmp_path / "emb")
+    assert str(tmp_path / "emb") in str(exn.value) and "\n" not in str(exn.value)
