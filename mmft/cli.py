@@ -6,6 +6,7 @@
     mmft index  query runs/index "a red apple" -k 5
     mmft export --run RUN --out exported/model.pt --lora-scale 0.5
     mmft shards ...            (see mmft shards --help)
+    mmft demo-data data/demo   (the offline demo datasets as shards)
     mmft demo                  (the offline end-to-end demo)
 """
 from __future__ import annotations
@@ -107,10 +108,31 @@ def cmd_export(args) -> int:
 
 
 def cmd_shards(args) -> int:
-    from mmft.data.shard_writer import run_from_args
+    from mmft.data.shard_writer import ShardError, format_summary, make_shards
 
-    opts = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("fn", "verbose")})
-    return run_from_args(opts)
+    skip = ("input", "out_dir", "quiet", "fn", "verbose", "command")
+    opts = {k: v for k, v in vars(args).items() if k not in skip}  # the rest are make_shards options
+    try:
+        stats = make_shards(args.input, args.out_dir, progress=not args.quiet, **opts)
+    except (ShardError, FileExistsError) as e:
+        print(f"mmft shards: error: {e}", file=sys.stderr)
+        return 1
+    print(format_summary(stats))
+    print(f"wrote {stats['written']} samples to {stats['out_dir']} in {stats['seconds']:.1f} s")
+    return 0
+
+
+def cmd_demo_data(args) -> int:
+    from mmft.demo.datasets import build_demo_data
+
+    try:
+        build_demo_data(args.out_dir, which=args.which, image_size=args.image_size, workers=args.workers,
+                        limit=args.limit, overwrite=args.overwrite, progress=not args.quiet,
+                        svg_root=args.svg_root)
+    except (FileNotFoundError, FileExistsError, ModuleNotFoundError, ValueError) as e:
+        print(f"mmft demo-data: error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -184,11 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sp)
     sp.set_defaults(fn=cmd_export)
 
-    from mmft.data.shard_writer import add_arguments as shard_arguments
-
-    sp = sub.add_parser("shards", help="write WebDataset shards from folders, CSV/TSV/JSONL or class folders")
-    shard_arguments(sp)
-    sp.set_defaults(fn=cmd_shards)
+    _shards_parser(sub.add_parser("shards", help="write WebDataset shards from folders, CSV/TSV/JSONL or "
+                                  "class folders"))
+    _demo_data_parser(sub.add_parser("demo-data", help="build the offline demo datasets (openclipart, "
+                                     "textile) as shards"))
 
     sp = sub.add_parser("demo", help="offline end-to-end demo: data, align, fine-tune, index, report")
     sp.add_argument("--out", default="runs/demo", help="where runs, index and report go")
@@ -198,6 +219,46 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("overrides", nargs="*", help="dotted overrides applied to every training stage")
     sp.set_defaults(fn=cmd_demo)
     return p
+
+
+def _shards_parser(sp) -> None:
+    a = sp.add_argument
+    a("input", help="folder of images with .txt/.json captions, a .csv/.tsv/.jsonl table, or class folders")
+    a("out_dir", help="output folder for the .tar shards, sizes.json and stats.json")
+    a("--type", dest="input_type", default="auto", choices=["auto", "folder", "table", "classes"])
+    a("--image-col", default=None, help="table column with the image path (default: guessed)")
+    a("--caption-col", dest="caption_cols", action="append", default=None,
+      help="table caption column; repeat for several captions per image (default: guessed)")
+    a("--group-col", default=None, help="table column with a group id")
+    a("--template", dest="templates", action="append", default=None,
+      help="class-folder caption template using {label}; repeat for several captions")
+    a("--splits", default=None, help="e.g. train=0.8,val=0.1,test=0.1 (default: one unsplit set)")
+    a("--split-by", default="sample", choices=["sample", "group", "stratified"])
+    a("--seed", type=int, default=0)
+    a("--per-shard", dest="samples_per_shard", type=int, default=1000)
+    a("--max-side", type=int, default=None, help="downscale so the longer side is at most this (pixels)")
+    a("--format", dest="image_format", default="auto", choices=["auto", "jpg", "png"])
+    a("--quality", type=int, default=90, help="JPEG quality when re-encoding")
+    a("--no-verify", dest="verify", action="store_false", help="skip the full decode check")
+    a("--no-dedup", dest="dedup", action="store_false", help="keep byte-identical duplicate images")
+    a("--prefix", default="", help="shard name prefix (shards are <prefix>-<split>-00000.tar)")
+    a("--overwrite", action="store_true", help="replace shards already in out_dir")
+    a("--quiet", action="store_true", help="no progress bar")
+    sp.set_defaults(fn=cmd_shards)
+
+
+def _demo_data_parser(sp) -> None:
+    from mmft.demo.datasets import DEFAULT_SVG_ROOT, SOURCES
+
+    sp.add_argument("out_dir", nargs="?", default="data/demo")
+    sp.add_argument("--which", nargs="+", default=list(SOURCES), choices=SOURCES)
+    sp.add_argument("--image-size", type=int, default=192, help="openclipart render size (pixels)")
+    sp.add_argument("--workers", type=int, default=2, help="render processes")
+    sp.add_argument("--limit", type=int, default=None, help="at most this many images per dataset/class")
+    sp.add_argument("--svg-root", default=str(DEFAULT_SVG_ROOT))
+    sp.add_argument("--overwrite", action="store_true")
+    sp.add_argument("--quiet", action="store_true")
+    sp.set_defaults(fn=cmd_demo_data)
 
 
 # A dotted override (section.key=value) among positionals or list options such as --shards.

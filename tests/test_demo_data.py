@@ -216,9 +216,20 @@ def test_textile_build_is_stratified_and_keeps_jpeg_bytes(tmp_path):
 def test_textile_from_installed_package_and_cli(tmp_path):
     pytest.importorskip("conformal_clip_data")
     out = tmp_path / "demo"
-    assert dd.main([str(out), "--which", "textile", "--limit", "5", "--quiet"]) == 0
+    from mmft.cli import main
+
+    assert main(["demo-data", str(out), "--which", "textile", "--limit", "5", "--quiet"]) == 0
     stats = json.loads((out / "textile" / "stats.json").read_text())
     assert stats["by_category"] == {"global": 5, "local": 5, "nominal": 5}
     with tarfile.open(out / "textile" / "train-00000.tar") as tf:
         m = next(m for m in tf.getmembers() if m.name.endswith(".jpg"))
         assert Image.open(tf.extractfile(m)).size == (250, 250)
+
+
+def test_tools_script_is_the_cli_verb():
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "tools" / "make_demo_data.py"
+    out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "mmft demo-data" in out.stdout and "--which" in out.stdout

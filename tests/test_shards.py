@@ -15,7 +15,6 @@ from mmft.data.shard_writer import (
     assign_splits,
     brace_pattern,
     load_images,
-    main,
     make_shards,
     parse_splits,
     prepare_images,
@@ -186,16 +185,18 @@ def test_prepare_images_formats(tmp_path):
 
 
 def test_overwrite_refusal_and_cli(tmp_path, capsys):
+    from mmft.cli import main as mmft_main
+
     src = tmp_path / "src"
     for i in range(3):
         _img(src / f"{i}.jpg", color=(i, i, i))
         (src / f"{i}.txt").write_text(f"caption {i}")
     out = tmp_path / "out"
-    assert main([str(src), str(out), "--quiet", "--splits", "train=0.7,test=0.3"]) == 0
+    assert mmft_main(["shards", str(src), str(out), "--quiet", "--splits", "train=0.7,test=0.3"]) == 0
     assert "train" in capsys.readouterr().out
     with pytest.raises(FileExistsError, match="already holds .* pass overwrite=True"):
         make_shards(src, out, progress=False)
-    assert main([str(src), str(out), "--quiet"]) == 1
+    assert mmft_main(["shards", str(src), str(out), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert "--overwrite" in err and err.count("\n") == 1
     stats = make_shards(src, out, overwrite=True, progress=False)
@@ -254,3 +255,17 @@ def test_folder_without_images_is_an_error(tmp_path, capsys):
     (tmp_path / "classes" / "cat").mkdir(parents=True)
     with pytest.raises(ShardError, match="no image files .* class folders"):
         make_shards(tmp_path / "classes", tmp_path / "out", templates=["a {label}"], progress=False)
+
+
+def test_tools_script_is_the_cli_verb(tmp_path):
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    _img(src / "a.jpg")
+    (src / "a.txt").write_text("a caption")
+    script = Path(__file__).resolve().parent.parent / "tools" / "make_shards.py"
+    out = subprocess.run([sys.executable, str(script), str(src), str(tmp_path / "out"), "--quiet"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "wrote 1 samples" in out.stdout and (tmp_path / "out" / "shard-00000.tar").is_file()

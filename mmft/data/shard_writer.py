@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -531,50 +530,3 @@ def format_summary(stats: dict) -> str:
     skips = ", ".join(f"{k} {v}" for k, v in stats["skipped"].items()) or "none"
     lines.append(f"skipped: {skips}")
     return "\n".join(lines)
-
-
-def add_arguments(parser) -> None:
-    """The `mmft shards` options (shared by tools/make_shards.py and the mmft CLI)."""
-    a = parser.add_argument
-    a("input", help="folder of images with .txt/.json captions, a .csv/.tsv/.jsonl table, or class folders")
-    a("out_dir", help="output folder for the .tar shards, sizes.json and stats.json")
-    a("--type", dest="input_type", default="auto", choices=["auto", "folder", "table", "classes"])
-    a("--image-col", default=None, help="table column with the image path (default: guessed)")
-    a("--caption-col", dest="caption_cols", action="append", default=None,
-      help="table caption column; repeat for several captions per image (default: guessed)")
-    a("--group-col", default=None, help="table column with a group id")
-    a("--template", dest="templates", action="append", default=None,
-      help="class-folder caption template using {label}; repeat for several captions")
-    a("--splits", default=None, help="e.g. train=0.8,val=0.1,test=0.1 (default: one unsplit set)")
-    a("--split-by", default="sample", choices=["sample", "group", "stratified"])
-    a("--seed", type=int, default=0)
-    a("--per-shard", dest="samples_per_shard", type=int, default=1000)
-    a("--max-side", type=int, default=None, help="downscale so the longer side is at most this (pixels)")
-    a("--format", dest="image_format", default="auto", choices=["auto", "jpg", "png"])
-    a("--quality", type=int, default=90, help="JPEG quality when re-encoding")
-    a("--no-verify", dest="verify", action="store_false", help="skip the full decode check")
-    a("--no-dedup", dest="dedup", action="store_false", help="keep byte-identical duplicate images")
-    a("--prefix", default="", help="shard name prefix (shards are <prefix>-<split>-00000.tar)")
-    a("--overwrite", action="store_true", help="replace shards already in out_dir")
-    a("--quiet", action="store_true", help="no progress bar")
-
-
-def run_from_args(args) -> int:
-    """Run make_shards with parsed `add_arguments` options and print a summary; 0 = ok, 1 = bad input."""
-    opts = {k: v for k, v in vars(args).items() if k not in ("input", "out_dir", "quiet", "func", "command")}
-    try:
-        stats = make_shards(args.input, args.out_dir, progress=not args.quiet, **opts)
-    except (ShardError, FileExistsError) as e:
-        print(f"mmft shards: error: {e}", file=sys.stderr)
-        return 1
-    print(format_summary(stats))
-    print(f"wrote {stats['written']} samples to {stats['out_dir']} in {stats['seconds']:.1f} s")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="mmft shards", description=make_shards.__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))

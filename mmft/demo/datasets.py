@@ -23,8 +23,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from mmft.io import write_json
 from mmft.data.shard_writer import assign_splits, check_output_dir, shard_records, write_shards
+from mmft.io import write_json
 
 DEFAULT_SVG_ROOT = Path("/usr/share/openclipart/svg")
 DOMAIN_CATEGORIES = ("animals", "food", "plants")
@@ -570,27 +570,3 @@ def build_demo_data(out_dir: str | Path, *, which=SOURCES, image_size: int = 192
     write_json(out_dir / "stats.json", {**previous, **stats})
     _say(progress, format_table(stats))
     return stats
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="mmft demo-data", description=build_demo_data.__doc__.splitlines()[0])
-    p.add_argument("out_dir", nargs="?", default="data/demo")
-    p.add_argument("--which", nargs="+", default=list(SOURCES), choices=SOURCES)
-    p.add_argument("--image-size", type=int, default=192, help="openclipart render size (pixels)")
-    p.add_argument("--workers", type=int, default=2, help="render processes")
-    p.add_argument("--limit", type=int, default=None, help="at most this many images per dataset/class")
-    p.add_argument("--svg-root", default=str(DEFAULT_SVG_ROOT))
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
-    a = p.parse_args(argv)
-    try:
-        build_demo_data(a.out_dir, which=a.which, image_size=a.image_size, workers=a.workers, limit=a.limit,
-                        overwrite=a.overwrite, progress=not a.quiet, svg_root=a.svg_root)
-    except (FileNotFoundError, FileExistsError, ModuleNotFoundError, ValueError) as e:
-        import sys
-
-        print(f"mmft demo-data: error: {e}", file=sys.stderr)
-        return 1
-    return 0
