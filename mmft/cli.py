@@ -135,6 +135,14 @@ def cmd_demo_data(args) -> int:
     return 0
 
 
+def cmd_index_thumbnails(args) -> int:
+    from mmft.index.thumbnails import add_thumbnails
+
+    summary = add_thumbnails(args.index, args.shards, size=args.size)
+    print(f"thumbnails: {summary['count'] - summary['missing']} of {summary['count']} images in {args.index}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from mmft.demo.runner import run_demo
 
@@ -188,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     with_config(sp)
     sp.set_defaults(fn=cmd_index_merge)
+    sp = idx.add_parser("thumbnails", help="add the thumbnail store `mmft serve` shows to an existing index")
+    sp.add_argument("index", help="index directory")
+    sp.add_argument("--shards", nargs="+", help="gallery shards (default: those the manifest records)")
+    sp.add_argument("--size", type=int, default=128, help="thumbnail side in pixels")
+    sp.set_defaults(fn=cmd_index_thumbnails)
 
     sp = sub.add_parser("embed", help="embed a gallery into part files (one per rank under torchrun)")
     # --run-dir: torchrun's own parser would take a bare --run for its --run-path

@@ -136,6 +136,7 @@ class IndexConfig:
     train_sample: int = 100_000  # vectors used to train IVF/PQ
     nprobe: int = 0  # 0 = factory default
     use_gpu: str = "auto"  # auto | never | always
+    thumbnails: int = 128  # side (px) of the JPEG thumbnails saved beside the index (mmft serve); 0 = none
 
 
 @dataclass

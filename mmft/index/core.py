@@ -220,14 +220,21 @@ def finish_index(index, ids, *, factory: str, fingerprint: dict | None, modality
     return out
 
 
-def load_index(path: str | Path, model=None, *, use_gpu: str = "auto") -> Index:
-    """Open a saved index; with `model`, refuse (StaleIndexError) one built with another model/adapter/scale."""
+def load_index(path: str | Path, model=None, *, use_gpu: str = "auto", mmap: bool = False) -> Index:
+    """Open a saved index; with `model`, refuse (StaleIndexError) one built with another model/adapter/scale.
+
+    mmap=True memory-maps the vectors (flat codes, IVF lists) read-only, so processes share one copy.
+    """
     faiss = faiss_module()
     path = Path(path)
     manifest = read_manifest(path)
+    flags = faiss.IO_FLAG_ONDISK_SAME_DIR
+    if mmap:  # flat codes and IVF lists take different flags; CPU only
+        flags = (faiss.IO_FLAG_MMAP if "IVF" in str(manifest.get("factory")) else faiss.IO_FLAG_MMAP_IFC)
+        use_gpu = "never"
     try:
         # IO_FLAG_ONDISK_SAME_DIR: an on-disk merged index finds index.ivfdata beside it, wherever moved
-        index = faiss.read_index(str(path / INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
+        index = faiss.read_index(str(path / INDEX_FILE), flags)
     except RuntimeError as e:
         reason = str(e).strip().splitlines()[-1][:120]
         raise IndexLoadError(f"{path / INDEX_FILE} is not a readable FAISS index ({reason}); rebuild it with "
@@ -281,6 +288,10 @@ def build_index_from_model(model, shards, out_dir: str | Path, *, tokenizer=None
         source = {"shards": [str(s) for s in specs] if is_specs else "in-memory batches"}
         index = build_index(emb, out_dir, index_cfg=cfg, modality=modality, progress=progress,
                             extra={"source": {**source, **(extra or {})}})
+        if is_specs and cfg.thumbnails:  # what a search page shows, so serving needs no shards
+            from mmft.index.thumbnails import write_thumbnails
+
+            write_thumbnails(specs, out_dir, size=cfg.thumbnails, data_cfg=data_cfg)
     finally:
         if has_adapter:
             set_lora_scale(model, old_scale)
