@@ -16,6 +16,15 @@ single-process loss over the global batch; the gather's backward sums every rank
 owner, so the gradient a rank sees for its features is world_size times the single-process one, and
 DDP's average of per-rank parameter gradients (logit_scale, logit_bias, encoder weights) equals the
 single-process gradient. Local batch sizes must be equal on all ranks.
+
+Extra negatives (`extra_image_features` (Mi, D), `extra_text_features` (Mt, D), e.g. mined hard
+negatives, Mi = Mt = B * K): candidates that are only ever negatives. InfoNCE: extra texts join each
+image row's log-sum-exp, extra images each text column's; sigmoid: every (image, extra text) and
+(extra image, text) pair is one more negative term, still divided by B. Extras are never scored
+against extras, and the fused paths tile over them too (no B x (B + M) buffer). Their group ids
+(`extra_*_group_ids`) exclude same-group pairs as in the batch; without them extras are never
+excluded. With gather, each rank's extras are gathered as the batch is (equal counts on all ranks).
+The formulas with every gradient: docs/losses.md.
 """
 from __future__ import annotations
 
@@ -24,14 +33,20 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from mmft.loss.kernels import Extras
+
 IMPLS = ("auto", "reference", "chunked", "triton")
 
 # Forces the path that impl="auto" takes ("reference", "chunked" or "triton"); for tests and debugging.
 _FORCE_IMPL: str | None = None
 
 
+NO_EXTRAS = Extras()
+
+
 def contrastive_loss(image_features, text_features, logit_scale, logit_bias=None, *, group_ids=None,
-                     impl="auto", gather=None, **unused):
+                     extra_image_features=None, extra_text_features=None, extra_image_group_ids=None,
+                     extra_text_group_ids=None, impl="auto", gather=None, **unused):
     """Symmetric InfoNCE: mean of image->text and text->image cross-entropy over the batch.
 
     image_features, text_features: (B, D), usually L2-normalised. logit_scale: the temperature,
@@ -40,44 +55,60 @@ def contrastive_loss(image_features, text_features, logit_scale, logit_bias=None
     gradient. group_ids: (B,) int64; pairs i != j with equal ids are excluded (neither positive nor
     negative), e.g. two captions of one image. impl: "auto" | "reference" | "chunked" | "triton".
     gather: score local rows against the all-gathered global batch (default: when torch.distributed
-    runs with world_size > 1; see the module doc for the gradient convention). Other keyword
-    arguments (the rest of a model's output dict) are ignored. Returns a 0-dim fp32 tensor (fp64 for
-    fp64 features).
+    runs with world_size > 1; see the module doc for the gradient convention).
+    extra_image_features (Mi, D), extra_text_features (Mt, D): negatives only (see the module doc);
+    extra_*_group_ids (Mi,), (Mt,) int64 need group_ids. Other keyword arguments (the rest of a
+    model's output dict) are ignored. Returns a 0-dim fp32 tensor (fp64 for fp64 features).
     """
     x, y, gid = _check(image_features, text_features, logit_scale, group_ids)
+    ex = _check_extras(x, gid, extra_image_features, extra_image_group_ids, "image")  # (Mi, D), (Mi,)
+    ey = _check_extras(x, gid, extra_text_features, extra_text_group_ids, "text")  # (Mt, D), (Mt,)
     fn = _kernel("infonce", _resolve(impl, x))
     if _use_gather(gather):
         x_all, y_all, g_all, offset = _gather_batch(x, y, gid, images=True)
+        ex_all, gex_all = _gather_extras(ex, "image")
+        ey_all, gey_all = _gather_extras(ey, "text")
         w = 1.0 / (2 * x.shape[0])
-        loss = (fn(x, y_all, logit_scale, None, gid, g_all, offset, False, w)
-                + fn(y, x_all, logit_scale, None, gid, g_all, offset, False, w))
+        i2t = fn(x, y_all, logit_scale, None, gid, g_all, offset, False, w, Extras(bx=ey_all, gbx=gey_all))
+        t2i = fn(y, x_all, logit_scale, None, gid, g_all, offset, False, w, Extras(bx=ex_all, gbx=gex_all))
+        loss = i2t + t2i
     else:
-        loss = fn(x, y, logit_scale, logit_bias, gid, gid, 0, True, 1.0 / (2 * x.shape[0]))
+        extras = _local(ex, ey)
+        loss = fn(x, y, logit_scale, logit_bias, gid, gid, 0, True, 1.0 / (2 * x.shape[0]), extras)
     if torch.is_tensor(logit_bias) and logit_bias.requires_grad:
         loss = loss + 0.0 * logit_bias.sum()  # zero gradient, not None, so optimisers see the parameter
     return loss
 
 
 def sigmoid_loss(image_features, text_features, logit_scale, logit_bias=None, *, group_ids=None,
-                 impl="auto", gather=None, **unused):
+                 extra_image_features=None, extra_text_features=None, extra_image_group_ids=None,
+                 extra_text_group_ids=None, impl="auto", gather=None, **unused):
     """SigLIP pairwise sigmoid loss: -(1/B) sum_ij log sigmoid(z_ij (s <x_i, y_j> + b)), z = +1 on the
     diagonal and -1 elsewhere (divided by B as open_clip's SigLipLoss does).
 
     Same arguments as contrastive_loss; logit_bias (0-dim tensor, float or None = 0) gets its real
-    gradient. With gather, each rank scores its local images against all texts and the per-rank
-    losses average to the global one (texts only are gathered).
+    gradient. With gather, each rank scores its local images (and local extra images) against all
+    texts and its local images against all extra texts; the per-rank losses average to the global one
+    (texts and extra texts only are gathered).
     """
     x, y, gid = _check(image_features, text_features, logit_scale, group_ids)
+    ex = _check_extras(x, gid, extra_image_features, extra_image_group_ids, "image")  # (Mi, D), (Mi,)
+    ey = _check_extras(x, gid, extra_text_features, extra_text_group_ids, "text")  # (Mt, D), (Mt,)
     fn = _kernel("sigmoid", _resolve(impl, x))
     if _use_gather(gather):
         _, y_all, g_all, offset = _gather_batch(x, y, gid, images=False)
-        return fn(x, y_all, logit_scale, logit_bias, gid, g_all, offset, False, 1.0 / x.shape[0])
-    return fn(x, y, logit_scale, logit_bias, gid, gid, 0, False, 1.0 / x.shape[0])
+        ey_all, gey_all = _gather_extras(ey, "text")
+        extras = Extras(ex[0], ey_all, ex[1], gey_all)
+        return fn(x, y_all, logit_scale, logit_bias, gid, g_all, offset, False, 1.0 / x.shape[0], extras)
+    extras = _local(ex, ey)
+    return fn(x, y, logit_scale, logit_bias, gid, gid, 0, False, 1.0 / x.shape[0], extras)
 
 
 # ---------------------------------------------------------------------------------------------
 # Reference: the plain formulas over rows a (R, D) and columns b (C, D), positive of row i at
-# column i + offset. `both` adds the column (text->image) direction of a square problem.
+# column i + offset, plus extra rows ax (Mi, D) and extra columns bx (Mt, D) that are only
+# negatives: one (R + Mi) x (C + Mt) matrix whose extra x extra block is left out. `both` adds the
+# column (text->image) direction of a square problem; extra rows only join that direction.
 
 def _logits_reference(a, b, scale, bias, offset):
     dt = torch.promote_types(a.dtype, torch.float32)
@@ -89,47 +120,59 @@ def _logits_reference(a, b, scale, bias, offset):
     return logits, rows, rows + offset
 
 
-def _excluded_reference(ga, gb, rows, cols):
-    """Bool (R, C): same group and not the positive pair."""
-    if ga is None:
-        return None
-    excluded = ga[:, None] == gb[None, :]  # (R, C)
-    excluded[rows, cols] = False
+def _cat(main, extra):
+    return main if extra is None else torch.cat([main, extra.to(main.dtype)])
+
+
+def _excluded_reference(ga, gb, rows, cols, shape, extras):
+    """Bool (R + Mi, C + Mt): pairs left out: same group (not the positive) and extra x extra."""
+    R, C = len(rows), shape[1] - (0 if extras.bx is None else extras.bx.shape[0])
+    excluded = torch.zeros(shape, dtype=torch.bool, device=rows.device)  # (R + Mi, C + Mt)
+    excluded[R:, C:] = True
+    if ga is not None:
+        excluded[:R, :C] = ga[:, None] == gb[None, :]
+        excluded[rows, cols] = False
+        if extras.gbx is not None:
+            excluded[:R, C:] = ga[:, None] == extras.gbx[None, :]
+        if extras.gax is not None:
+            excluded[R:, :C] = extras.gax[:, None] == gb[None, :]
     return excluded
 
 
-def infonce_reference(a, b, scale, bias, ga, gb, offset, both, weight):
-    """weight * sum_i (lse_j L_ij - L_{i,i+offset}) [+ the same over columns]; fp32, B x B."""
+def infonce_reference(a, b, scale, bias, ga, gb, offset, both, weight, extras=NO_EXTRAS):
+    """weight * sum_i (lse_j L_ij - L_{i,i+offset}) [+ the same over columns]; fp32, B x (B + M)."""
+    if extras.ax is not None and not both:
+        raise ValueError("extra rows join only the column log-sum-exp: they need both=True")
     with torch.autocast(a.device.type, enabled=False):
-        return _infonce_reference(a, b, scale, bias, ga, gb, offset, both, weight)
+        return _infonce_reference(a, b, scale, bias, ga, gb, offset, both, weight, extras)
 
 
-def _infonce_reference(a, b, scale, bias, ga, gb, offset, both, weight):
-    logits, rows, cols = _logits_reference(a, b, scale, bias, offset)
-    excluded = _excluded_reference(ga, gb, rows, cols)
-    if excluded is not None:
-        logits = logits.masked_fill(excluded, float("-inf"))
+def _infonce_reference(a, b, scale, bias, ga, gb, offset, both, weight, extras):
+    R, C = a.shape[0], b.shape[0]
+    logits, rows, cols = _logits_reference(_cat(a, extras.ax), _cat(b, extras.bx), scale, bias, offset)
+    rows, cols = rows[:R], cols[:R]
+    logits = logits.masked_fill(_excluded_reference(ga, gb, rows, cols, logits.shape, extras), float("-inf"))
     pos = logits[rows, cols]  # (R,)
-    loss = (logits.logsumexp(1) - pos).sum()
+    loss = (logits[:R].logsumexp(1) - pos).sum()
     if both:
-        loss = loss + (logits.logsumexp(0) - pos).sum()
+        loss = loss + (logits[:, :C].logsumexp(0) - pos).sum()
     return weight * loss
 
 
-def sigmoid_reference(a, b, scale, bias, ga, gb, offset, both, weight):
-    """-weight * sum_ij log sigmoid(z_ij L_ij) over allowed pairs; fp32, B x B."""
+def sigmoid_reference(a, b, scale, bias, ga, gb, offset, both, weight, extras=NO_EXTRAS):
+    """-weight * sum_ij log sigmoid(z_ij L_ij) over allowed pairs; fp32, B x (B + M)."""
     with torch.autocast(a.device.type, enabled=False):
-        return _sigmoid_reference(a, b, scale, bias, ga, gb, offset, both, weight)
+        return _sigmoid_reference(a, b, scale, bias, ga, gb, offset, both, weight, extras)
 
 
-def _sigmoid_reference(a, b, scale, bias, ga, gb, offset, both, weight):
-    logits, rows, cols = _logits_reference(a, b, scale, bias, offset)
+def _sigmoid_reference(a, b, scale, bias, ga, gb, offset, both, weight, extras):
+    R = a.shape[0]
+    logits, rows, cols = _logits_reference(_cat(a, extras.ax), _cat(b, extras.bx), scale, bias, offset)
+    rows, cols = rows[:R], cols[:R]
     labels = -torch.ones_like(logits)
     labels[rows, cols] = 1.0
-    terms = -F.logsigmoid(labels * logits)  # (R, C)
-    excluded = _excluded_reference(ga, gb, rows, cols)
-    if excluded is not None:
-        terms = terms.masked_fill(excluded, 0.0)
+    terms = -F.logsigmoid(labels * logits)  # (R + Mi, C + Mt)
+    terms = terms.masked_fill(_excluded_reference(ga, gb, rows, cols, logits.shape, extras), 0.0)
     return weight * terms.sum()
 
 
@@ -137,27 +180,29 @@ def _sigmoid_reference(a, b, scale, bias, ga, gb, offset, both, weight):
 # Dispatch
 
 def _kernel(kind, path):
-    """The (a, b, scale, bias, ga, gb, offset, both, weight) -> loss function of one path."""
+    """The (a, b, scale, bias, ga, gb, offset, both, weight, extras) -> loss function of one path."""
     if path == "reference":
         return infonce_reference if kind == "infonce" else sigmoid_reference
     if path == "chunked":
         from mmft.loss.kernels import chunked as mod
+    else:
+        try:
+            if kind == "infonce":
+                from mmft.loss.kernels import infonce_triton as mod
+            else:
+                from mmft.loss.kernels import sigmoid_triton as mod
+        except ImportError as err:
+            raise ImportError(f"impl='triton' needs the triton package ({err}); install it "
+                              "(pip install triton) or use impl='chunked'") from err
+    fast = getattr(mod, f"{kind}_{path}")
+
+    def run(a, b, s, bias, ga, gb, offset, both, w, extras=NO_EXTRAS):
+        kw = dict(offset=offset, weight=w, **extras._asdict())
         if kind == "infonce":
-            return lambda a, b, s, bias, ga, gb, off, both, w: mod.infonce_chunked(
-                a, b, s, ga, gb, offset=off, both=both, weight=w)
-        return lambda a, b, s, bias, ga, gb, off, both, w: mod.sigmoid_chunked(
-            a, b, s, bias, ga, gb, offset=off, weight=w)
-    try:
-        if kind == "infonce":
-            from mmft.loss.kernels.infonce_triton import infonce_triton
-            return lambda a, b, s, bias, ga, gb, off, both, w: infonce_triton(
-                a, b, s, ga, gb, offset=off, both=both, weight=w)
-        from mmft.loss.kernels.sigmoid_triton import sigmoid_triton
-    except ImportError as err:
-        raise ImportError(f"impl='triton' needs the triton package ({err}); install it "
-                          "(pip install triton) or use impl='chunked'") from err
-    return lambda a, b, s, bias, ga, gb, off, both, w: sigmoid_triton(
-        a, b, s, bias, ga, gb, offset=off, weight=w)
+            return fast(a, b, s, ga, gb, both=both, **kw)
+        return fast(a, b, s, bias, ga, gb, **kw)
+
+    return run
 
 
 @functools.cache
@@ -209,6 +254,35 @@ def _check(image_features, text_features, logit_scale, group_ids):
                              f"{group_ids.dtype} {tuple(group_ids.shape)}")
         group_ids = group_ids.to(device=x.device, dtype=torch.int64).contiguous()
     return x, y, group_ids
+
+
+def _check_extras(x, gid, extra, extra_gid, side):
+    """(extra features in x's dtype or None, their group ids or None) of one side, validated."""
+    name = f"extra_{side}_features"
+    if extra is None:
+        if extra_gid is not None:
+            raise ValueError(f"extra_{side}_group_ids given without {name}; pass both or neither")
+        return None, None
+    if extra.dim() != 2 or extra.shape[1] != x.shape[1] or not extra.is_floating_point():
+        raise ValueError(f"{name} must be a floating (M, {x.shape[1]}) tensor like the batch features, got "
+                         f"{extra.dtype} {tuple(extra.shape)}")
+    extra = extra.to(x.dtype)
+    if extra_gid is not None:
+        if gid is None:
+            raise ValueError(f"extra_{side}_group_ids need group_ids for the batch too (extras are excluded "
+                             "against batch items of the same group); pass group_ids or drop them")
+        if extra_gid.shape != (extra.shape[0],) or extra_gid.is_floating_point():
+            raise ValueError(f"extra_{side}_group_ids must be an integer tensor of shape "
+                             f"({extra.shape[0]},), got {extra_gid.dtype} {tuple(extra_gid.shape)}")
+        extra_gid = extra_gid.to(device=x.device, dtype=torch.int64).contiguous()
+    return extra, extra_gid
+
+
+def _local(ex, ey):
+    """Extras of a one-process call from (features, group ids) per side; empty ones are dropped."""
+    ex = ex if ex[0] is not None and ex[0].shape[0] else (None, None)
+    ey = ey if ey[0] is not None and ey[0].shape[0] else (None, None)
+    return Extras(ex[0], ey[0], ex[1], ey[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,3 +338,24 @@ def _gather_batch(x, y, gid, images):
         dist.all_gather(parts, gid)
         g_all = torch.cat(parts)  # (world * B,)
     return x_all, y_all, g_all, rank * x.shape[0]
+
+
+def _gather_extras(extra, side):
+    """(all ranks' extra features (world * M, D) with gradient, their group ids) or (None, None)."""
+    feats, gid = extra
+    if feats is None:
+        return None, None
+    dist = torch.distributed
+    world = dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.int64, device=feats.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([feats.shape[0]], dtype=torch.int64, device=feats.device))
+    sizes = [int(s) for s in sizes]
+    if len(set(sizes)) != 1:
+        raise ValueError(f"extra {side} counts differ across ranks {sizes}; give every rank the same number "
+                         "of extra negatives (data.negatives_per_sample times the local batch size)")
+    g_all = None
+    if gid is not None:
+        parts = [torch.empty_like(gid) for _ in range(world)]
+        dist.all_gather(parts, gid)
+        g_all = torch.cat(parts)  # (world * M,)
+    return _GatherWithGrad.apply(feats), g_all  # (world * M, D)

@@ -6,6 +6,7 @@ Imported only from the kernel modules, which are imported only when impl="triton
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -36,16 +37,32 @@ def logits_tile(a_ptr, b_ptr, rows, cols, R, C, D, stride_a, stride_b, scale,
 
 
 @triton.jit
-def pair_masks(rows, cols, R, C, offset, ga_ptr, gb_ptr, HAS_GROUPS: tl.constexpr):
-    """(allowed, diag) bool tiles: in range and not a same-group pair off the diagonal; positives."""
-    inside = (rows[:, None] < R) & (cols[None, :] < C)
-    diag = (cols[None, :] == rows[:, None] + offset) & inside
+def pair_masks(rows, cols, R, C, R_main, C_main, offset, ga_ptr, gb_ptr, HAS_GROUPS: tl.constexpr,
+               GROUP_EXTRA_ROWS: tl.constexpr, GROUP_EXTRA_COLS: tl.constexpr):
+    """(allowed, diag) bool tiles: in range, not extra x extra, not a same-group pair off the
+    diagonal; positives. Rows >= R_main and columns >= C_main are extra negatives, which join the
+    group mask only when they carry group ids (GROUP_EXTRA_*)."""
+    main_r, main_c = rows[:, None] < R_main, cols[None, :] < C_main
+    inside = (rows[:, None] < R) & (cols[None, :] < C) & (main_r | main_c)
+    diag = (cols[None, :] == rows[:, None] + offset) & inside & main_r & main_c
     allowed = inside
     if HAS_GROUPS:
         ga = tl.load(ga_ptr + rows, mask=rows < R, other=0)
         gb = tl.load(gb_ptr + cols, mask=cols < C, other=0)
-        allowed = inside & ((ga[:, None] != gb[None, :]) | diag)
+        same = ga[:, None] == gb[None, :]
+        if not GROUP_EXTRA_ROWS:
+            same = same & main_r
+        if not GROUP_EXTRA_COLS:
+            same = same & main_c
+        allowed = inside & (~same | diag)
     return allowed, diag
+
+
+@triton.jit
+def column_end(pid_m, BLOCK_M: tl.constexpr, R_main, C, C_main):
+    """Columns a row block sweeps: all C, or only the C_main batch columns for a block of extra rows
+    (extra x extra is never scored, so those tiles are skipped, not masked)."""
+    return tl.where(pid_m * BLOCK_M < R_main, C, C_main)
 
 
 @triton.jit
@@ -98,6 +115,64 @@ def partials(rows: int, d: int, device) -> torch.Tensor:
     bm = min(c.kwargs["BLOCK_M"] for c in bwd_configs())
     bd = min(c.kwargs["BLOCK_D"] for c in bwd_configs())
     return torch.zeros(triton.cdiv(rows, bm) * triton.cdiv(d, bd), device=device, dtype=torch.float32)
+
+
+class Stacked(NamedTuple):
+    """Rows [a; ax] and columns [b; bx] of a problem with extra negatives, with their group ids.
+
+    The kernels see one row and one column array (R + Mi, C + Mt) and the batch sizes R_main, C_main;
+    stacking the features costs O((B + M) D), never a (B + Mi) x (C + Mt) buffer.
+    """
+
+    rows: torch.Tensor  # (R + Mi, D)
+    cols: torch.Tensor  # (C + Mt, D)
+    ga: torch.Tensor | None  # (R + Mi,) int64
+    gb: torch.Tensor | None  # (C + Mt,)
+    R_main: int
+    C_main: int
+    group_rows: bool  # the extra rows carry group ids
+    group_cols: bool
+
+    @classmethod
+    def build(cls, a, b, ga, gb, ex) -> Stacked:
+        rows, cols = _stack(a, ex.ax), _stack(b, ex.bx)
+        return cls(rows, cols, None if ga is None else _stack_ids(ga, ex.gax, rows.shape[0]),
+                   None if gb is None else _stack_ids(gb, ex.gbx, cols.shape[0]), a.shape[0], b.shape[0],
+                   ex.gax is not None, ex.gbx is not None)
+
+    def transposed(self) -> Stacked:
+        return Stacked(self.cols, self.rows, self.gb, self.ga, self.C_main, self.R_main, self.group_cols,
+                       self.group_rows)
+
+    def masks(self) -> dict:
+        """Keyword arguments of the kernels' mask flags."""
+        return {"HAS_GROUPS": self.ga is not None, "GROUP_EXTRA_ROWS": self.group_rows,
+                "GROUP_EXTRA_COLS": self.group_cols}
+
+
+def split(grad, main: int):
+    """(batch part, extra part or None) of a gradient over stacked rows."""
+    return grad[:main], (grad[main:] if grad.shape[0] > main else None)
+
+
+def _stack(t, extra):
+    t = t.contiguous()
+    return t if extra is None else torch.cat([t, extra.to(t.dtype)]).contiguous()
+
+
+def _stack_ids(g, extra, n):
+    """Group ids of stacked rows; extras without ids get zeros (never read: their mask flag is off)."""
+    if n == g.shape[0]:
+        return g
+    return torch.cat([g, extra if extra is not None else g.new_zeros(n - g.shape[0])])
+
+
+def stat_pad(stat, n):
+    """A row statistic (R,) padded with +inf to n entries: exp(L - inf) = 0, so a softmax term is
+    0 on rows that have no such statistic (extra rows have no row LSE, extra columns no column LSE)."""
+    if stat is None or stat.shape[0] == n:
+        return stat
+    return torch.cat([stat, stat.new_full((n - stat.shape[0],), float("inf"))])
 
 
 def as_scalar(v, like: torch.Tensor) -> torch.Tensor:

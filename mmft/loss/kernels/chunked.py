@@ -20,10 +20,17 @@ running stats); the backward is one pass that recomputes each tile and feeds bot
 tiles, so when autograd will need it the forward pass also accumulates the gradient (3 matmuls, as
 many as SigLipLoss) and the backward only scales it. Extra memory: a few tiles plus O(B) (plus the
 O(B * D) gradients, which the backward returns anyway).
+
+Extra negatives (rows ax (Mi, D), columns bx (Mt, D); docs/losses.md has the formulas) are more
+blocks of the same passes: (a, bx) adds to the row statistics r, (ax, b) to the column statistics c
+(InfoNCE) or to the sum (sigmoid), each with no positives; extra x extra is never scored. Their
+gradients come from the same G: d bx = s G_x.T @ a, d ax = s G_x @ b.
 """
 from __future__ import annotations
 
 import torch
+
+from mmft.loss.kernels import Extras
 
 # Rows x columns of one logit tile: 2048 x 1024 fp32 is 8 MB (two such buffers per pass), big enough
 # that matmuls run at full speed (inner dimension D) and per-op overhead stays small; on the 2-core
@@ -49,7 +56,10 @@ class _Workspace:
 
 
 def _diag(i0, i1, j0, j1, offset, device):
-    """Local (row, col) indices of the positives L_{i,i+offset} that fall in a tile, or None."""
+    """Local (row, col) indices of the positives L_{i,i+offset} that fall in a tile, or None
+    (always None for offset=None: a block of extra negatives has no positives)."""
+    if offset is None:
+        return None
     lo, hi = max(i0, j0 - offset), min(i1, j1 - offset)
     if lo >= hi:
         return None
@@ -109,10 +119,12 @@ def _infonce_forward(a, b, scale, ga, gb, offset, both, tile):
     return r, c, pos
 
 
-def _infonce_backward(a, b, scale, ga, gb, offset, r, c, k, tile):
-    """One pass over tiles: G = P (+ Q) - k I; returns G @ b (R, D) and G.T @ a (C, D), unscaled."""
+def _infonce_backward(a, b, scale, ga, gb, offset, r, c, k, tile, da=None):
+    """One pass over tiles: G = P (+ Q) - k I; returns G @ b (R, D) and G.T @ a (C, D), unscaled.
+
+    `da` (R, D): a buffer to add G @ b into (the rows' gradient from an earlier block)."""
     R, C = a.shape[0], b.shape[0]
-    da = torch.zeros_like(a)  # (R, D), becomes the gradient in place
+    da = torch.zeros_like(a) if da is None else da  # (R, D), becomes the gradient in place
     db = torch.zeros_like(b)  # (C, D)
     ws = _Workspace(a, b, tile)
     for i0, i1, j0, j1 in _tiles(R, C, tile):
@@ -157,15 +169,60 @@ def _sigmoid_sweep(a, b, scale, bias, ga, gb, offset, tile, grads):
     return total, pos, da, db, gsum
 
 
+def _block_groups(g_main, g_extra):
+    """Group ids of a block of extras: (main, extra) when the extras have ids, else no mask at all."""
+    return (g_main, g_extra) if g_extra is not None else (None, None)
+
+
+def _infonce_stats(a, b, s, ga, gb, offset, both, tile, ex):
+    """Row LSE r (R,), column LSE c (C,) or None, and sum of positive logits, extras included."""
+    r, c, pos = _infonce_forward(a, b, s, ga, gb, offset, both, tile)
+    if ex.bx is not None:  # extra columns join every row's log-sum-exp
+        rx = _infonce_forward(a, ex.bx, s, *_block_groups(ga, ex.gbx), None, False, tile)[0]  # (R,)
+        r = torch.logaddexp(r, rx)
+    if ex.ax is not None:  # extra rows join every column's log-sum-exp
+        cx = _infonce_forward(b, ex.ax, s, *_block_groups(gb, ex.gax), None, False, tile)[0]  # (C,)
+        c = torch.logaddexp(c, cx)
+    return r, c, pos
+
+
+def _infonce_grads(a, b, s, ga, gb, offset, r, c, k, tile, ex):
+    """Unscaled G @ [b; bx] (R, D), G.T @ [a; ax] (C, D), and the extras' G_x.T @ a, G_x @ b."""
+    da, db = _infonce_backward(a, b, s, ga, gb, offset, r, c, k, tile)
+    dax = dbx = None
+    if ex.bx is not None:  # G = P on (a, bx)
+        _, dbx = _infonce_backward(a, ex.bx, s, *_block_groups(ga, ex.gbx), None, r, None, 0, tile, da=da)
+    if ex.ax is not None:  # G = Q on (ax, b), swept as its transpose (b, ax) with c as row statistics
+        _, dax = _infonce_backward(b, ex.ax, s, *_block_groups(gb, ex.gax), None, c, None, 0, tile, da=db)
+    return da, db, dax, dbx
+
+
+def _sigmoid_all(a, b, s, bias, ga, gb, offset, tile, grads, ex):
+    """_sigmoid_sweep over the batch block and the (a, bx) and (ax, b) blocks of extras, summed."""
+    total, pos, da, db, gsum = _sigmoid_sweep(a, b, s, bias, ga, gb, offset, tile, grads)
+    dax = dbx = None
+    if ex.bx is not None:
+        t, _, da_x, dbx, g = _sigmoid_sweep(a, ex.bx, s, bias, *_block_groups(ga, ex.gbx), None, tile, grads)
+        total, gsum = total + t, gsum + g
+        da = da.add_(da_x) if grads else None
+    if ex.ax is not None:
+        groups = (ex.gax, gb) if ex.gax is not None else (None, None)
+        t, _, dax, db_x, g = _sigmoid_sweep(ex.ax, b, s, bias, *groups, None, tile, grads)
+        total, gsum = total + t, gsum + g
+        db = db.add_(db_x) if grads else None
+    return total, pos, (da, db, dax, dbx, gsum) if grads else None
+
+
 class PairwiseChunked(torch.autograd.Function):
-    """Chunked InfoNCE / sigmoid loss over rows a (R, D) vs columns b (C, D); see module doc."""
+    """Chunked InfoNCE / sigmoid loss over rows a (R, D) vs columns b (C, D), plus extra rows ax and
+    extra columns bx that are only negatives; see module doc."""
 
     @staticmethod
-    def forward(ctx, a, b, scale, bias, ga, gb, kind, offset, both, weight, tile, track):
+    def forward(ctx, a, b, scale, bias, ga, gb, kind, offset, both, weight, tile, track, ax, bx, gax, gbx):
         # Under torch.autocast the tile matmuls would run in fp16/bf16 and round the logits.
         with torch.autocast(a.device.type, enabled=False):
             return PairwiseChunked._forward(ctx, a, b, scale, bias, ga, gb, kind, offset, both, weight,
-                                            tile, track)
+                                            tile, track, Extras(ax, bx, gax, gbx))
 
     @staticmethod
     def backward(ctx, grad):
@@ -173,75 +230,91 @@ class PairwiseChunked(torch.autograd.Function):
             return PairwiseChunked._backward(ctx, grad)
 
     @staticmethod
-    def _forward(ctx, a, b, scale, bias, ga, gb, kind, offset, both, weight, tile, track):
+    def _forward(ctx, a, b, scale, bias, ga, gb, kind, offset, both, weight, tile, track, ex):
         a32, b32 = _compute(a), _compute(b)  # (R, D), (C, D)
+        ex32 = Extras(_compute(ex.ax), _compute(ex.bx), ex.gax, ex.gbx)  # (Mi, D), (Mt, D)
         s = float(scale)
-        ctx.cfg = (kind, s, offset, weight, tile, scale.shape, None if bias is None else bias.shape,
-                   a.dtype, b.dtype)
+        dtypes = [t.dtype if t is not None else None for t in (a, b, ex.ax, ex.bx)]
+        ctx.cfg = (kind, s, offset, weight, tile, scale.shape, None if bias is None else bias.shape, dtypes)
         if kind == "infonce":
-            r, c, pos = _infonce_forward(a32, b32, s, ga, gb, offset, both, tile)
-            ctx.save_for_backward(a, b, ga, gb, r, c)
+            r, c, pos = _infonce_stats(a32, b32, s, ga, gb, offset, both, tile, ex32)
+            ctx.save_for_backward(a, b, ga, gb, r, c, ex.ax, ex.bx, ex.gax, ex.gbx)
             ctx.k = 2 if both else 1
             total = r.sum(dtype=torch.float64) + (c.sum(dtype=torch.float64) if both else 0.0)
             return (weight * (total - ctx.k * pos)).to(a32.dtype)
         bv = 0.0 if bias is None else float(bias)
-        total, pos, da, db, gsum = _sigmoid_sweep(a32, b32, s, bv, ga, gb, offset, tile, track)
-        ctx.save_for_backward(a)
-        ctx.grads = (da, db, gsum)
+        total, pos, ctx.grads = _sigmoid_all(a32, b32, s, bv, ga, gb, offset, tile, track, ex32)
+        ctx.save_for_backward(a, ex.ax)
         return (weight * (total - pos)).to(a32.dtype)
 
     @staticmethod
     def _backward(ctx, grad):
-        kind, s, offset, weight, tile, scale_shape, bias_shape, a_dtype, b_dtype = ctx.cfg
+        kind, s, offset, weight, tile, scale_shape, bias_shape, dtypes = ctx.cfg
         if kind == "infonce":
-            a, b, ga, gb, r, c = ctx.saved_tensors
-            a32 = _compute(a)
-            da, db = _infonce_backward(a32, _compute(b), s, ga, gb, offset, r, c, ctx.k, tile)
+            a, b, ga, gb, r, c, ax, bx, gax, gbx = ctx.saved_tensors
+            a32, ax32 = _compute(a), _compute(ax)
+            ex32 = Extras(ax32, _compute(bx), gax, gbx)
+            da, db, dax, dbx = _infonce_grads(a32, _compute(b), s, ga, gb, offset, r, c, ctx.k, tile, ex32)
             gsum = None
         else:
-            a32 = _compute(ctx.saved_tensors[0])
-            if ctx.grads is None or ctx.grads[0] is None:
+            a, ax = ctx.saved_tensors
+            a32, ax32 = _compute(a), _compute(ax)
+            if ctx.grads is None:
                 raise RuntimeError("the chunked sigmoid loss computes its gradient in the forward pass and "
                                    "can be backpropagated once (no retain_graph, not under no_grad)")
-            (da, db, gsum), ctx.grads = ctx.grads, None
+            (da, db, dax, dbx, gsum), ctx.grads = ctx.grads, None
         coef = grad.to(a32.dtype) * weight  # () upstream gradient times the normaliser
         ds = dbias = None
         if ctx.needs_input_grad[2]:
-            # sum_ij G_ij <a_i, b_j> = <a, G @ b>, taken before da is scaled in place.
-            ds = (coef * torch.dot(a32.flatten(), da.flatten())).reshape(scale_shape)
+            # sum_ij G_ij <a_i, b_j> over every block = <a, G @ [b; bx]> + <ax, G_x @ b>, before scaling.
+            dot = torch.dot(a32.flatten(), da.flatten())
+            if dax is not None:
+                dot = dot + torch.dot(ax32.flatten(), dax.flatten())
+            ds = (coef * dot).reshape(scale_shape)
         if ctx.needs_input_grad[3] and gsum is not None:
             dbias = (coef * gsum.to(coef.dtype)).reshape(bias_shape)
-        da.mul_(coef * s)
-        db.mul_(coef * s)
-        return da.to(a_dtype), db.to(b_dtype), ds, dbias, *([None] * 8)
+        out = [None if g is None else g.mul_(coef * s).to(dt) for g, dt in zip((da, db, dax, dbx), dtypes)]
+        return out[0], out[1], ds, dbias, *([None] * 8), out[2], out[3], None, None
 
 
-def infonce_chunked(a, b, scale, ga=None, gb=None, *, offset=0, both=True, weight=1.0, tile=None):
+def infonce_chunked(a, b, scale, ga=None, gb=None, *, offset=0, both=True, weight=1.0, tile=None,
+                    ax=None, bx=None, gax=None, gbx=None):
     """Chunked InfoNCE term (0-dim, fp32 or fp64): rows a (R, D) vs columns b (C, D).
 
     `scale` is a 0-dim tensor (its gradient flows) or a float; `ga`, `gb` optional group ids (R,), (C,).
+    Extra negatives: columns bx (Mt, D) join the row LSE, rows ax (Mi, D) the column LSE (both=True);
+    gax, gbx their group ids (None: never excluded).
     """
-    return _apply(a, b, scale, None, ga, gb, "infonce", offset, both, weight, tile)
+    return _apply(a, b, scale, None, ga, gb, "infonce", offset, both, weight, tile, Extras(ax, bx, gax, gbx))
 
 
-def sigmoid_chunked(a, b, scale, bias=None, ga=None, gb=None, *, offset=0, weight=1.0, tile=None):
-    """Chunked sigmoid (SigLIP) term (0-dim); scale and bias 0-dim tensors or floats."""
-    return _apply(a, b, scale, bias, ga, gb, "sigmoid", offset, False, weight, tile)
+def sigmoid_chunked(a, b, scale, bias=None, ga=None, gb=None, *, offset=0, weight=1.0, tile=None,
+                    ax=None, bx=None, gax=None, gbx=None):
+    """Chunked sigmoid (SigLIP) term (0-dim); scale and bias 0-dim tensors or floats; extras as
+    in infonce_chunked, each (row, extra column) and (extra row, column) pair one more negative."""
+    return _apply(a, b, scale, bias, ga, gb, "sigmoid", offset, False, weight, tile, Extras(ax, bx, gax, gbx))
 
 
-def _apply(a, b, scale, bias, ga, gb, kind, offset, both, weight, tile):
+def _apply(a, b, scale, bias, ga, gb, kind, offset, both, weight, tile, ex=None):
+    ex = ex or Extras()
     if both and (offset != 0 or a.shape[0] != b.shape[0]):
         raise ValueError(f"both directions need a square problem with offset 0, got rows {a.shape[0]}, "
                          f"columns {b.shape[0]}, offset {offset}")
+    if kind == "infonce" and ex.ax is not None and not both:
+        raise ValueError("extra rows join only the column log-sum-exp: they need both=True")
     scale = _scalar_tensor(scale, a)
     bias = None if bias is None else _scalar_tensor(bias, a)
     # Whether autograd will call backward (Function.forward runs with grad mode off, so ask here).
-    track = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (a, b, scale, bias))
-    return PairwiseChunked.apply(a, b, scale, bias, ga, gb, kind, offset, both, weight, tile or TILE, track)
+    inputs = (a, b, scale, bias, ex.ax, ex.bx)
+    track = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    return PairwiseChunked.apply(a, b, scale, bias, ga, gb, kind, offset, both, weight, tile or TILE, track,
+                                 *ex)
 
 
 def _compute(t):
     """Features in the compute dtype: fp16/bf16 go up to fp32 (statistics never round), fp64 stays."""
+    if t is None:
+        return None
     return t.to(torch.promote_types(t.dtype, torch.float32)).contiguous()
 
 
