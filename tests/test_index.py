@@ -297,3 +297,40 @@ def test_cli_path_build_from_run_then_query_by_text_and_image(tmp_path):
     pics[2].save(tmp_path / "q.png")
     hits = query_index(tmp_path / "ix", run, image=str(tmp_path / "q.png"), k=1)
     assert hits[0][0]["id"] == "pic2" and hits[0][0]["score"] == pytest.approx(1.0, abs=1e-4)
+
+
+def _damage_index(folder, kind: str) -> None:
+    index, ids, man = folder / "index.faiss", folder / "ids.json", folder / "manifest.json"
+    meta = json.loads(man.read_text())
+    if kind == "truncated index.faiss":
+        index.write_bytes(index.read_bytes()[:500])
+    elif kind == "truncated, sizes edited to match":  # only FAISS itself can tell
+        index.write_bytes(index.read_bytes()[:500])
+        meta["files"]["index.faiss"] = 500
+    elif kind == "missing ids.json":
+        ids.unlink()
+    elif kind == "ids.json not a list":
+        ids.write_text('{"0": "a"}')
+        meta["files"]["ids.json"] = ids.stat().st_size
+    elif kind == "manifest count edited":
+        meta["count"] -= 1
+    elif kind == "manifest field of wrong type":
+        meta["nprobe"] = "all"
+    elif kind == "manifest files edited":
+        meta["files"] = ["index.faiss"]
+    elif kind == "manifest not an object":
+        meta = [meta]
+    man.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("kind", ["truncated index.faiss", "truncated, sizes edited to match", "missing ids.json",
+                                  "ids.json not a list", "manifest count edited", "manifest field of wrong type",
+                                  "manifest files edited", "manifest not an object"])
+def test_damaged_index_folder_is_refused_in_one_sentence_naming_it(tmp_path, kind):
+    vectors = _unit(np.random.default_rng(0).standard_normal((300, 16)))
+    build_index(vectors, tmp_path / "ix", index_cfg=IndexConfig(factory="IVF4,Flat"))
+    assert load_index(tmp_path / "ix").ntotal == 300
+    _damage_index(tmp_path / "ix", kind)
+    with pytest.raises(IndexLoadError) as exn:
+        load_index(tmp_path / "ix")
+    assert str(tmp_path / "ix") in str(exn.value) and "\n" not in str(exn.value)

@@ -47,6 +47,7 @@ from mmft.index.manifest import (  # noqa: F401  (re-exported: the manifest's er
     check_fingerprint,
     fingerprint_of,
     index_manifest,
+    read_ids,
     read_manifest,
     write_manifest,
 )
@@ -236,13 +237,10 @@ def load_index(path: str | Path, model=None, *, use_gpu: str = "auto", mmap: boo
         # IO_FLAG_ONDISK_SAME_DIR: an on-disk merged index finds index.ivfdata beside it, wherever moved
         index = faiss.read_index(str(path / INDEX_FILE), flags)
     except RuntimeError as e:
-        reason = str(e).strip().splitlines()[-1][:120]
+        reason = str(e).strip().split("Error: ")[-1][:120]  # FAISS's own words, after its C++ location
         raise IndexLoadError(f"{path / INDEX_FILE} is not a readable FAISS index ({reason}); rebuild it with "
                              "`mmft index build`") from None
-    try:
-        ids = np.asarray(json.loads((path / IDS_FILE).read_text()))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IndexLoadError(f"{path / IDS_FILE} is missing or corrupt ({e}); rebuild the index") from None
+    ids = np.asarray(read_ids(path, manifest))
     if not (index.ntotal == len(ids) == manifest.get("count")) or index.d != manifest.get("dim"):
         raise IndexLoadError(
             f"index in {path} is inconsistent: {INDEX_FILE} holds {index.ntotal} vectors of dim {index.d}, "

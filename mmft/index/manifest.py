@@ -15,6 +15,8 @@ import math
 import time
 from pathlib import Path
 
+from mmft.io import read_json_object
+
 INDEX_FORMAT = 1
 INDEX_FILE, IDS_FILE, MANIFEST_FILE = "index.faiss", "ids.json", "manifest.json"
 # What decides a model's embeddings (mmft.embeddings.model_fingerprint): an index pins all three.
@@ -88,6 +90,33 @@ def write_manifest(out_dir: Path, manifest: dict) -> None:
     write_json(out_dir / MANIFEST_FILE, manifest)
 
 
+_REBUILD = "the index directory is damaged or was edited: rebuild it with `mmft index build`"
+_OPTIONAL = (type(None),)
+# What a reader relies on, with its JSON types: checked before any value is used.
+MANIFEST_FIELDS = {"format": (int,), "dim": (int,), "count": (int,), "factory": (str,), "files": (dict,),
+                   "nprobe": (int, *_OPTIONAL), "ef_search": (int, *_OPTIONAL), "model": (dict, *_OPTIONAL),
+                   "adapter_sha256": (str, *_OPTIONAL), "lora_scale": (int, float, *_OPTIONAL)}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_ids(path: Path, manifest: dict) -> list[str]:
+    """The gallery ids of an index directory: a JSON list of `manifest["count"]` strings."""
+    file = path / IDS_FILE
+    try:
+        ids = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise IndexLoadError(f"{file} is missing or not readable JSON ({e}); {_REBUILD}") from None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise IndexLoadError(f"{file} should hold a JSON list of id strings; {_REBUILD}")
+    if len(ids) != manifest["count"]:
+        raise IndexLoadError(f"{file} lists {len(ids)} ids but {MANIFEST_FILE} records {manifest['count']}; "
+                             f"{_REBUILD}")
+    return ids
+
+
 def read_manifest(path: Path) -> dict:
     """The manifest of a complete index directory, or IndexLoadError saying what is wrong and what to do."""
     if not path.is_dir():
@@ -97,11 +126,12 @@ def read_manifest(path: Path) -> dict:
     if not man.is_file():
         raise IndexLoadError(f"no complete index in {path}: {MANIFEST_FILE} is missing "
                              "(an interrupted build?); rebuild it with `mmft index build`")
-    try:
-        manifest = json.loads(man.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IndexLoadError(f"{man} is corrupt ({e}); rebuild the index with `mmft index build`") from None
-    if manifest.get("format", 0) > INDEX_FORMAT:
+    manifest = read_json_object(man, MANIFEST_FIELDS, IndexLoadError, _REBUILD)
+    bad = [k for k, v in manifest["files"].items() if Path(k).name != k or k == ".." or not _is_int(v)]
+    if bad:  # plain file names beside the manifest, with their sizes in bytes
+        raise IndexLoadError(f"{man}: field 'files' lists {bad[0]!r} with {manifest['files'][bad[0]]!r}, "
+                             f"expected file names in {path} with byte sizes; {_REBUILD}")
+    if manifest["format"] > INDEX_FORMAT:
         raise IndexLoadError(f"index in {path} has format {manifest.get('format')}, newer than this mmft "
                              f"reads ({INDEX_FORMAT}): upgrade mmft or rebuild the index")
     for name, size in (manifest.get("files") or {}).items():
