@@ -51,15 +51,25 @@ def expand_specs(specs: str | list[str]) -> list[str]:
     return out
 
 
+def _sample_counts(data) -> dict[str, int]:
+    """sizes.json's {"shard.tar": samples} with every count a non-negative integer, else Type/ValueError."""
+    if not isinstance(data, dict):
+        raise TypeError(f"a JSON {type(data).__name__} where an object of shard sizes is expected")
+    for name, n in data.items():
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"field {name!r} is {n!r}, expected a sample count (an integer >= 0)")
+    return dict(data)
+
+
 def _sizes_table(directory: str, cache: dict) -> dict:
     if directory not in cache:
         path = os.path.join(directory, "sizes.json")
         table = {}
         if os.path.isfile(path):
             try:
-                with open(path) as f:
-                    table = {str(k): int(v) for k, v in json.load(f).items()}
-            except (ValueError, TypeError, AttributeError) as exn:
+                with open(path, encoding="utf-8") as f:
+                    table = _sample_counts(json.load(f))
+            except (OSError, ValueError, TypeError) as exn:
                 logger.warning("data: ignoring %s (%s); counting samples from tar headers instead", path, exn)
         cache[directory] = table
     return cache[directory]
