@@ -1,19 +1,25 @@
-"""Validation during training: retrieval recall on a held-out split, computed plainly (full matrix).
+"""Validation during training: retrieval recall on a held-out split, in the keys the trainer logs.
 
-Validation splits are small (hundreds of images), so a full similarity matrix is fine here; the
-FAISS-based evaluation with confidence intervals lives in mmft.evaluation.core.
+The ranks come from mmft.evaluation.metrics (the same exact first-relevant rank the evaluation
+reports), so validation and evaluation cannot disagree on what a hit is; only the key names
+(`t2i_r1`, `mean`, ... which train.val_metric picks from) are validation's own. The FAISS-based
+evaluation with confidence intervals lives in mmft.evaluation.core.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from mmft.evaluation import metrics as M
 
 
 @torch.no_grad()
 def embed_eval_batches(model, batches: Iterable[dict], tokenizer, device):
-    """-> image embeddings (N, D), caption embeddings (M, D), caption -> image index (M,), group codes (N,) or None."""
+    """-> image embeddings (N, D), caption embeddings (M, D), caption -> image row (M,), group codes (N,)
+    or None."""
     was_training = model.training
     model.eval()
     images, texts, owner, groups = [], [], [], []
@@ -30,30 +36,26 @@ def embed_eval_batches(model, batches: Iterable[dict], tokenizer, device):
     model.train(was_training)
     codes = None
     if all(g is not None for g in groups):  # class-level relevance: only equality matters
-        table = {g: i for i, g in enumerate(dict.fromkeys(groups))}
-        codes = torch.tensor([table[g] for g in groups])
+        codes = torch.from_numpy(M.group_codes(groups)[1])
     return torch.cat(images), torch.cat(texts), torch.tensor(owner), codes
 
 
-def recall_from_embeddings(img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor, groups=None, ks=(1, 5)) -> dict:
-    """Recall@k both ways with several captions per image (full (M, N) similarity matrix).
+def recall_from_embeddings(img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor, groups=None,
+                           ks=(1, 5)) -> dict:
+    """Recall@k in points both ways with several captions per image: image (N, D), caption (M, D) embeddings.
 
     Instance relevance: a caption's own image, an image's own captions. With `groups` (N,) the relevance
-    is class-level: any image (caption) of the same group counts.
+    is class-level: any image (caption) of the same group counts. An image without captions is a miss.
     """
-    sim = txt @ img.T  # (M, N)
-    cap_group = owner if groups is None else groups[owner]  # (M,)
-    img_group = torch.arange(img.shape[0]) if groups is None else groups  # (N,)
-    relevant = cap_group[:, None] == img_group[None, :]  # (M, N)
-    best = sim.masked_fill(~relevant, -float("inf"))
-    # text -> image: images scoring above the best relevant image
-    t2i_rank = (sim > best.max(1, keepdim=True).values).sum(1)  # (M,)
-    # image -> text: captions scoring above the best relevant caption
-    i2t_rank = (sim.T > best.T.max(1, keepdim=True).values).sum(1)  # (N,)
+    img_labels = np.arange(img.shape[0]) if groups is None else groups.numpy().astype(np.int64)  # (N,)
+    cap_labels = img_labels[owner.numpy()]  # (M,)
+    img_np, txt_np = img.float().numpy(), txt.float().numpy()
+    ranks = {"t2i": M.exact_first_ranks(txt_np, img_np, cap_labels, img_labels),  # (M,) 1-based, 0 = none
+             "i2t": M.exact_first_ranks(img_np, txt_np, img_labels, cap_labels)}  # (N,)
     out = {}
     for k in ks:
-        out[f"t2i_r{k}"] = 100.0 * (t2i_rank < k).float().mean().item()
-        out[f"i2t_r{k}"] = 100.0 * (i2t_rank < k).float().mean().item()
+        for d, r in ranks.items():
+            out[f"{d}_r{k}"] = 100.0 * float(((r >= 1) & (r <= k)).mean())
         out[f"mean_r{k}"] = (out[f"t2i_r{k}"] + out[f"i2t_r{k}"]) / 2
     out["mean"] = sum(out[f"mean_r{k}"] for k in ks) / len(ks)  # steadier than R@1 on small val splits
     return out
