@@ -152,6 +152,18 @@ def model_fingerprint(model: torch.nn.Module) -> dict:
             "lora_scale": None if scale is None else float(scale)}
 
 
+def describe_fingerprint(fp: dict) -> str:
+    """A model_fingerprint in words: 'base mmft-mini (packaged-towers, sha256 1a2b3c4d…) with adapter
+    sha256 9f8e7d6c5b4a… at LoRA scale 0.5'."""
+    from mmft.model.factory import describe_identity
+
+    ident = fp.get("model")
+    base = f"base {describe_identity(ident)}" if ident is not None else "an unidentified base model"
+    if fp.get("adapter_sha256") is None:
+        return base + " with no adapter (or at LoRA scale 0)"
+    return f"{base} with adapter sha256 {fp['adapter_sha256'][:12]}… at LoRA scale {fp['lora_scale']:g}"
+
+
 # ---------------------------------------------------------------- encoding
 
 

@@ -70,26 +70,6 @@ def _train_once(cfg: Config):
     return train(cfg)
 
 
-def summary_table(report: dict) -> str:
-    """R@1/R@5 both ways per set and row, with 95% CIs, then each row's delta against the baseline."""
-    cols = [("t2i", 1), ("t2i", 5), ("i2t", 1), ("i2t", 5)]
-    head = "| set | row | " + " | ".join(f"{d} R@{k}" for d, k in cols) + " |"
-    lines = [head, "|---" * (2 + len(cols)) + "|"]
-    for set_name, rows in report["metrics"].items():
-        for row, m in rows.items():
-            cells = [f"{m[d][f'R@{k}']['value']:.1f} [{m[d][f'R@{k}']['ci'][0]:.1f}, {m[d][f'R@{k}']['ci'][1]:.1f}]"
-                     for d, k in cols]
-            lines.append(f"| {set_name} | {row} | " + " | ".join(cells) + " |")
-        for row, m in report["deltas"][set_name].items():
-            cells = [f"{m[d][f'R@{k}']['value']:+.1f} [{m[d][f'R@{k}']['ci'][0]:+.1f}, {m[d][f'R@{k}']['ci'][1]:+.1f}]"
-                     for d, k in cols]
-            lines.append(f"| {set_name} | Δ {row} | " + " | ".join(cells) + " |")
-    sweep = report.get("sweep")
-    if sweep:
-        lines.append(f"\nrecommended LoRA scale: {sweep['recommended_lora_scale']:g} ({sweep['rule']})")
-    return "\n".join(lines)
-
-
 def run_demo(out_dir: str = RUNS_PREFIX, data_dir: str = DATA_PREFIX, configs_dir: str | None = None,
              quick: bool = False, overrides: list[str] | None = None, svg_root: str | None = None,
              limit: int | None = None) -> dict:
@@ -97,6 +77,7 @@ def run_demo(out_dir: str = RUNS_PREFIX, data_dir: str = DATA_PREFIX, configs_di
     from mmft.model.adapter import export, load_model
     from mmft.demo.datasets import build_demo_data
     from mmft.evaluation.core import EvalRow, evaluate
+    from mmft.evaluation.report import summary_table
     from mmft.index.core import build_index_from_run
 
     t0 = time.perf_counter()

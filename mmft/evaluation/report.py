@@ -24,31 +24,47 @@ def _cell(m: dict, signed: bool = False) -> str:
     return f"{fmt.format(m['value'])} [{fmt.format(lo)}, {fmt.format(hi)}]"
 
 
-def _describe_model(fp: dict) -> str:
-    ident = fp.get("model") or {}
-    base = f"{ident.get('name', 'unknown')} ({ident.get('pretrained') or 'random init'})"
-    adapter = fp.get("adapter_sha256")
-    return base + (f", adapter sha256 {adapter[:12]}…" if adapter else ", no adapter")
+def _recall_cells(row: dict, cols: list[tuple[str, int]], signed: bool = False) -> list[str]:
+    """R@k with its CI for each (direction, k) of `cols`, from a metrics or deltas row."""
+    return [_cell(row[d][f"R@{k}"], signed) for d, k in cols]
 
 
 def metrics_table(report: dict, set_name: str) -> list[str]:
     """Markdown rows: each model row, then each delta row vs the first, R@k with CIs."""
     ks = _ks(report)
-    head = ([f"{d} R@{k}" for d, _ in DIRS for k in ks] + ["mAP@10 t2i / i2t", "median rank t2i / i2t"])
+    cols = [(d, k) for d, _ in DIRS for k in ks]
+    head = ([f"{d} R@{k}" for d, k in cols] + ["mAP@10 t2i / i2t", "median rank t2i / i2t"])
     lines = ["| row | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     table, deltas = report["metrics"][set_name], report["deltas"][set_name]
     for name, row in table.items():
-        cells = [_cell(row[d][f"R@{k}"]) for d, _ in DIRS for k in ks]
+        cells = _recall_cells(row, cols)
         cells.append(f"{row['t2i']['mAP@10']['value']:.1f} / {row['i2t']['mAP@10']['value']:.1f}")
         cells.append(f"{row['t2i']['median_rank']:g} / {row['i2t']['median_rank']:g}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     first = report["rows"][0]
     for name, row in deltas.items():
-        cells = [_cell(row[d][f"R@{k}"], signed=True) for d, _ in DIRS for k in ks]
+        cells = _recall_cells(row, cols, signed=True)
         cells.append(f"{row['t2i']['mAP@10']['value']:+.1f} / {row['i2t']['mAP@10']['value']:+.1f}")
         cells.append("")
         lines.append(f"| **Δ {name} − {first}** | " + " | ".join(f"**{c}**" if c else c for c in cells) + " |")
     return lines
+
+
+def summary_table(report: dict) -> str:
+    """One compact table over every set: R@1/R@5 both ways per row with 95% CIs, then each row's delta
+    against the first row, and the recommended LoRA scale (what `mmft demo` prints at the end)."""
+    cols = [("t2i", 1), ("t2i", 5), ("i2t", 1), ("i2t", 5)]
+    lines = ["| set | row | " + " | ".join(f"{d} R@{k}" for d, k in cols) + " |",
+             "|---" * (2 + len(cols)) + "|"]
+    for set_name, rows in report["metrics"].items():
+        lines += [f"| {set_name} | {row} | " + " | ".join(_recall_cells(m, cols)) + " |"
+                  for row, m in rows.items()]
+        lines += [f"| {set_name} | Δ {row} | " + " | ".join(_recall_cells(m, cols, signed=True)) + " |"
+                  for row, m in report["deltas"][set_name].items()]
+    sweep = report.get("sweep")
+    if sweep:
+        lines.append(f"\nrecommended LoRA scale: {sweep['recommended_lora_scale']:g} ({sweep['rule']})")
+    return "\n".join(lines)
 
 
 def per_group_table(per_group: dict) -> list[str]:
@@ -95,8 +111,11 @@ def approximate_table(approx: dict) -> list[str]:
 
 
 def markdown(report: dict, plots: list[str]) -> str:
+    from mmft.embeddings import describe_fingerprint
+
     cfg = report["config"]
-    intro = (f"Model: {_describe_model(report['model'])}. Search: FAISS `{cfg['factory']}` (inner product on "
+    intro = (f"Model: {describe_fingerprint(report['model'])}. "
+             f"Search: FAISS `{cfg['factory']}` (inner product on "
              f"unit vectors). Values in points (%); [95% CI]: percentile bootstrap over queries "
              f"({cfg['bootstrap']} resamples, seed {cfg['seed']}); Δ rows resample the same queries for both "
              "rows (paired). A text query hits when its image is in the top k; an image query hits when any of "

@@ -52,19 +52,6 @@ def index_manifest(fingerprint: dict | None, *, dim: int, count: int, factory: s
     }
 
 
-def describe(state: dict) -> str:
-    """'base mmft-mini (packaged-towers, sha256 1a2b3c4d…) with adapter 9f8e7d6c… at LoRA scale 0.5'."""
-    ident = state.get("model")
-    if ident is None:
-        base = "an unidentified base model"
-    else:
-        sha = f", sha256 {ident['sha256'][:8]}…" if ident.get("sha256") else ""
-        base = f"base {ident.get('name')} ({ident.get('pretrained') or 'random init'}{sha})"
-    if state.get("adapter_sha256") is None:
-        return base + " with no adapter (or at LoRA scale 0)"
-    return f"{base} with adapter sha256 {state['adapter_sha256'][:12]}… at LoRA scale {state['lora_scale']:g}"
-
-
 def check_fingerprint(manifest: dict, current: dict, where: str) -> None:
     """Refuse (StaleIndexError) when `current` (model_fingerprint) is not what the index was built with."""
     built = fingerprint_of(manifest)
@@ -76,6 +63,8 @@ def check_fingerprint(manifest: dict, current: dict, where: str) -> None:
     elif built["lora_scale"] is not None and not math.isclose(built["lora_scale"], current["lora_scale"]):
         diffs.append("the LoRA scale")
     if diffs:
+        from mmft.embeddings import describe_fingerprint as describe
+
         raise StaleIndexError(
             f"index in {where} was built with {describe(built)}, but the model is {describe(current)} "
             f"({' and '.join(diffs)} {'differ' if len(diffs) > 1 else 'differs'}): rebuild the index with "

@@ -18,7 +18,7 @@ from mmft import __version__
 from mmft.config import LoraConfig, config_from_dict, to_dict
 from mmft.io import atomic_path, write_json
 from mmft.model.lora import apply_lora, get_lora_scale, merge_lora, set_lora_scale, tuned_full_params
-from mmft.model.factory import MMFT_MINI, create_model, model_identity
+from mmft.model.factory import create_model, describe_identity, model_identity
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -127,18 +127,14 @@ def read_adapter_tensors(adapter_dir: str | Path, meta: dict) -> dict[str, torch
     return tensors
 
 
-def _describe(ident: dict) -> str:
-    sha = (ident.get("sha256") or "")[:12]
-    return f"{ident.get('name')} / {ident.get('pretrained') or 'random init'}" + (f" (sha256 {sha}…)" if sha else "")
-
-
 def check_identity(expected: dict, model: torch.nn.Module, what: str) -> None:
     """Refuse with one sentence when `model`'s base identity differs from `expected`."""
     actual = model_identity(model)
     diffs = [k for k in ("name", "pretrained", "sha256", "arch") if expected.get(k) != actual.get(k)]
     if diffs:
         raise AdapterMismatchError(
-            f"{what} was trained on base {_describe(expected)}, but the model is {_describe(actual)} "
+            f"{what} was trained on base {describe_identity(expected)}, but the model is "
+            f"{describe_identity(actual)} "
             f"({', '.join(diffs)} differ); load it onto the base it was trained on"
         )
 
@@ -244,10 +240,6 @@ def load_model(run_dir: str | Path, *, adapter: str = "best", device: str | torc
     load_adapter(model, adapter_dir)
     model.eval()
     return LoadedModel(model, preprocess_val, tokenizer)
-
-
-def is_mini(model: torch.nn.Module) -> bool:
-    return model_identity(model)["name"] == MMFT_MINI
 
 
 __all__ = [

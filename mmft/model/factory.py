@@ -121,6 +121,14 @@ def base_identity(model_cfg: ModelConfig, arch_cfg: dict | None) -> dict:
     return ident
 
 
+def describe_identity(ident: dict | None) -> str:
+    """A base identity in words: 'mmft-mini (packaged-towers, sha256 1a2b3c4d…)'."""
+    if ident is None:
+        return "an unidentified model"
+    sha = f", sha256 {ident['sha256'][:8]}…" if ident.get("sha256") else ""
+    return f"{ident.get('name')} ({ident.get('pretrained') or 'random init'}{sha})"
+
+
 def model_identity(model: torch.nn.Module) -> dict:
     """The base-model identity recorded on a model built by `create_model` (adapters and indexes check it)."""
     ident = getattr(model, "mmft_identity", None)
@@ -361,7 +369,3 @@ def uses_sigmoid_loss(model: torch.nn.Module) -> bool:
     """SigLIP-family models carry a learnable logit_bias and were trained with the sigmoid loss."""
     return getattr(model, "logit_bias", None) is not None
 
-
-def image_size(model: torch.nn.Module) -> int:
-    size = model.visual.preprocess_cfg.get("size", 224) if hasattr(model.visual, "preprocess_cfg") else 224
-    return size[0] if isinstance(size, (tuple, list)) else int(size)
