@@ -5,6 +5,7 @@
     mmft index  build --run RUN --shards 'data/test-{00000..00003}.tar' --out runs/index
     mmft index  query runs/index "a red apple" -k 5
     mmft export --run RUN --out exported/model.pt --lora-scale 0.5
+    mmft mine   --run RUN --shards 'data/train-{00000..00003}.tar' --k 8 --out mined.jsonl
     mmft shards ...            (see mmft shards --help)
     mmft demo-data data/demo   (the offline demo datasets as shards)
     mmft demo                  (the offline end-to-end demo)
@@ -154,6 +155,16 @@ def cmd_demo(args) -> int:
 SCALE_HELP = "scale of the fine-tuning delta (default: index.lora_scale, 1.0)"
 
 
+def cmd_mine(args) -> int:
+    from mmft.mining.core import mine
+
+    cfg = _config(args)
+    out = mine(args.run, args.shards, args.out, k=args.k, model_cfg=cfg.model, data_cfg=cfg.data,
+               index_cfg=cfg.index, threshold=args.threshold, by=args.by)
+    print(f"mined negatives: {out} (use with data.hard_negatives={out})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmft", description="Fine-tune CLIP-style dual encoders with LoRA and "
                                 "ship FAISS search indexes.")
@@ -218,6 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lora-scale", type=float, help=SCALE_HELP)
     with_config(sp)
     sp.set_defaults(fn=cmd_export)
+
+    sp = sub.add_parser("mine", help="hard negatives: the k most similar other images and captions per pair")
+    sp.add_argument("--run", help="run directory whose model mines (default: the config's base model)")
+    sp.add_argument("--shards", nargs="+", help="training shard specs (default: data.train of the config)")
+    sp.add_argument("--k", type=int, default=8, help="negatives mined per pair and modality")
+    sp.add_argument("--out", default="mined.jsonl", help="output file (for data.hard_negatives)")
+    sp.add_argument("--threshold", type=float, default=0.95,
+                    help="skip near-duplicates: same-modality cosine above this")
+    sp.add_argument("--by", choices=["same", "cross"], default="same",
+                    help="neighbours by the same modality (look-alikes) or across (retrieval confusions)")
+    with_config(sp)
+    sp.set_defaults(fn=cmd_mine)
 
     _shards_parser(sub.add_parser("shards", help="write WebDataset shards from folders, CSV/TSV/JSONL or "
                                   "class folders"))
