@@ -76,6 +76,10 @@ class DataConfig:
     augment_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
     augment_color_jitter: float = 0.0
     augment_hflip: bool = False
+    # Mined hard negatives (`mmft mine` output): each batch also carries K of every sample's mined
+    # images and captions as extra negatives (mmft.data.negatives). "" = none.
+    hard_negatives: str = ""
+    negatives_per_sample: int = 4  # K, at most the k that was mined
 
 
 @dataclass

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from mmft.data import stages as st
 from mmft.data.augment import TrainTransform, draft_size, make_train_transform, train_transform  # noqa: F401
 from mmft.data.epochs import count_samples, expand_specs, plan_epoch, shard_sizes  # noqa: F401 (public)
+from mmft.data.negatives import NegativeSource, attach
 from mmft.data.stages import DataError, SkipStats
 
 logger = logging.getLogger("mmft.data.stream")
@@ -65,6 +66,7 @@ class _TrainSet(IterableDataset):
         self.cfg, self.transform, self.tokenizer = data_cfg, transform, tokenizer
         self.seed, self.rank, self.workers, self.epoch = seed, rank, workers, 0
         self.sources, self.weights, self.readers, self.resampled_quota = sources, weights, readers, []
+        self.negatives = None  # a mmft.data.negatives.NegativeSource when data.hard_negatives is set
 
     def _raw(self, w: int, stats: SkipStats, rng: random.Random):
         """Raw samples of worker w and its (full, tail) quota."""
@@ -96,6 +98,10 @@ class _TrainSet(IterableDataset):
                    "key": [s["key"] for s in batch], "kind": kind, "skipped": stats.take_delta()}
             if cfg.group_field:  # a sample without a group is its own group
                 out["group"] = torch.tensor([st.group_id(s["group"] or s["key"]) for s in batch])  # (B,) int64
+            if self.negatives is not None:  # mined hard negatives: (B, K, ...) extras per sample
+                out = attach(out, self.negatives, getattr(self.transform, "pixels", self.transform),
+                             lambda pixels: _images([{"image": x} for x in pixels], self.transform),
+                             self.tokenizer, self.epoch)
             yield out
         yield {"kind": "stats", "skipped": stats.take_delta()}
 
@@ -108,6 +114,14 @@ def _concat(parts: list[dict]) -> dict:
            "key": [k for p in parts for k in p["key"]]}
     if "group" in parts[0]:
         out["group"] = torch.cat([p["group"] for p in parts])  # (N,)
+    for name in ("extra_image", "extra_image_group", "extra_text_group"):  # (N, K, ...) hard negatives
+        if name in parts[0]:
+            out[name] = torch.cat([p[name] for p in parts])
+    if "extra_text" in parts[0]:
+        width = max(p["extra_text"].shape[-1] for p in parts)
+        pad = torch.nn.functional.pad
+        out["extra_text"] = torch.cat([pad(p["extra_text"], (0, width - p["extra_text"].shape[-1]))
+                                       for p in parts])  # (N, K, L)
     return out
 
 
@@ -209,6 +223,8 @@ def train_loader(data_cfg, preprocess_train: Callable, tokenizer: Callable, *, s
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # HF tokenizers would warn once forked
     dataset = _TrainSet(data_cfg, preprocess_train, tokenizer, seed=seed, rank=rank, workers=workers,
                         sources=sources, weights=weights, readers=[])
+    dataset.negatives = NegativeSource.from_config(data_cfg, [u for _, us in sources for u in us], seed,
+                                                   draft_size(preprocess_train))
     pin = device_type == "cuda"
     loader = DataLoader(dataset, batch_size=None, num_workers=data_cfg.num_workers, pin_memory=pin)
     stream = TrainStream(dataset, loader, sizes, world_size, pin)
