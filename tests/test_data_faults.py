@@ -136,3 +136,10 @@ def test_a_bad_sizes_json_is_ignored_with_a_warning_naming_it(tmp_path, caplog, 
     (tmp_path / "sizes.json").write_text(sizes)
     assert count_samples([path]) == 2  # counted from the tar headers instead
     assert str(tmp_path / "sizes.json") in caplog.text
+
+
+def test_a_truncation_past_the_readers_quota_is_still_counted(tmp_path):
+    path = truncated_shard(tmp_path / "s.tar")  # t1 readable; the header count says 1 sample
+    stream = train_loader(cfg([path], batch_size=1, num_workers=0, shuffle_buffer=1), PREPROCESS, tokenize)
+    assert keys_of(stream) == ["t1"]  # the quota is met before the reader reaches the cut
+    assert stream.stats.as_dict() == {"truncated_shard": 1}

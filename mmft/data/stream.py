@@ -103,6 +103,9 @@ class _TrainSet(IterableDataset):
                              lambda pixels: _images([{"image": x} for x in pixels], self.transform),
                              self.tokenizer, self.epoch)
             yield out
+        if not cfg.resampled:  # read on past the quota, undecoded: a bad shard there is still counted
+            for _ in raw:
+                pass
         yield {"kind": "stats", "skipped": stats.take_delta()}
 
 
