@@ -38,11 +38,12 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from mmft.evaluation.core import evaluate_run
+    from mmft.rundir import RunDir
 
     cfg = _config(args)
     report = evaluate_run(args.run, cfg.eval, args.out, index_cfg=cfg.index,
                           data_cfg=cfg.data if args.config else None)
-    out = Path(args.out) if args.out else Path(args.run) / "eval"
+    out = Path(args.out) if args.out else RunDir(args.run).eval_dir
     print((out / "report.md").read_text() if (out / "report.md").is_file() else json.dumps(report, indent=1))
     return 0
 
@@ -50,6 +51,7 @@ def cmd_eval(args) -> int:
 def cmd_index_build(args) -> int:
     from mmft.distributed import init_from_env
     from mmft.index.core import build_index_from_run
+    from mmft.rundir import RunDir
 
     cfg = _config(args)
     if args.factory is not None:
@@ -63,7 +65,7 @@ def cmd_index_build(args) -> int:
         print(f"index: {out}")
         return 0
     index = build_index_from_run(args.run, args.shards, args.out, cfg.index, data_cfg=cfg.data)
-    print(f"index: {args.out or Path(args.run) / 'index'} ({index})")
+    print(f"index: {args.out or RunDir(args.run).index_dir} ({index})")
     return 0
 
 

@@ -34,6 +34,13 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> the GPU when one is visible, else the CPU; any other name as torch.device(name)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def device_for_rank(device: torch.device) -> torch.device:
     """One GPU per local rank under torchrun."""
     if device.type == "cuda" and device.index is None and dist.is_available() and dist.is_initialized():

@@ -108,12 +108,11 @@ def adapted_run_dir(tmp_path, seed: int):
     The base is saved to a checkpoint file so that load_model rebuilds the same base. Returns
     (run_dir, model, preprocess_val, tokenizer).
     """
-    import yaml
-
+    from mmft.config import Config, LoraConfig, ModelConfig
     from mmft.model.adapter import save_adapter
-    from mmft.config import Config, LoraConfig, ModelConfig, to_dict
-    from mmft.model.lora import apply_lora
     from mmft.model.factory import create_model
+    from mmft.model.lora import apply_lora
+    from mmft.rundir import RunDir
 
     torch.manual_seed(seed)
     torch.save(create_model(ModelConfig(name="tiny-vit", model_cfg=TINY_VIT))[0].state_dict(), tmp_path / "base.pt")
@@ -123,8 +122,7 @@ def adapted_run_dir(tmp_path, seed: int):
     for n, p in model.named_parameters():
         if "lora_B" in n:
             p.data.normal_(0, 0.3)
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(Config(model=mcfg)), sort_keys=False))
-    save_adapter(model, run / "adapter-last")
-    return run, model, preprocess, tok
+    run = RunDir(tmp_path / "run")
+    run.write_config(Config(model=mcfg))
+    save_adapter(model, run.adapter("last"))
+    return run.path, model, preprocess, tok

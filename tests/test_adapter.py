@@ -7,7 +7,7 @@ from torch import nn
 
 from mmft.model.adapter import AdapterMismatchError, adapter_digest, export, load_adapter, load_model, save_adapter
 from mmft.config import LoraConfig, ModelConfig
-from mmft.model.lora import apply_lora, set_lora_scale
+from mmft.model.lora import apply_lora, has_adapter, set_lora_scale
 from mmft.model.factory import create_model
 
 
@@ -87,7 +87,7 @@ def test_export_round_trip_through_open_clip(tmp_path, tiny_vit_cfg):
     torch.testing.assert_close(img, ref_img, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(txt, ref_txt, atol=1e-5, rtol=1e-4)
     # the model given to export keeps its adapter
-    assert getattr(model, "mmft_lora", None) is not None
+    assert has_adapter(model)
 
 
 def test_export_at_lora_scale_and_as_next_base(tmp_path, tiny_vit_cfg):

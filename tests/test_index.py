@@ -22,7 +22,7 @@ from mmft.index.core import (
     load_index,
     query_index,
 )
-from mmft.model.lora import apply_lora, set_lora_scale
+from mmft.model.lora import apply_lora, get_lora_scale, set_lora_scale
 from mmft.model.factory import create_model
 
 TINY = TINY_VIT  # the shared tiny open_clip config (conftest.py)
@@ -172,7 +172,7 @@ def test_build_from_model_restores_scale_and_records_source(tmp_path, tiny):
     index = build_index_from_model(model, _batches(), tmp_path / "ix", tokenizer=tok, preprocess=preprocess,
                                    index_cfg=IndexConfig(lora_scale=0.5), progress=False)
     assert index.manifest["lora_scale"] == 0.5 and "source" in index.manifest
-    assert model.mmft_lora["scale"] == 1.0
+    assert get_lora_scale(model) == 1.0
     assert not (tmp_path / "ix" / "embeddings").exists()
     with pytest.raises(StaleIndexError, match="LoRA scale"):
         load_index(tmp_path / "ix", model=model)

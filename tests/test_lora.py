@@ -11,6 +11,10 @@ from mmft.model.lora import (
     LoRALinear,
     LoRAMultiheadAttention,
     apply_lora,
+    get_lora_scale,
+    has_adapter,
+    lora_scale,
+    lora_state,
     merge_lora,
     set_lora_scale,
     tower_bodies,
@@ -57,7 +61,7 @@ def test_fresh_adapter_is_identity_and_covers_both_towers(kind, tiny_hf_dir):
     out = _forward(model, size, tok)
     for key in ("image_features", "text_features"):
         torch.testing.assert_close(out[key], ref[key], atol=1e-5, rtol=1e-5)
-    adapted = model.mmft_lora["adapted"]
+    adapted = lora_state(model).adapted
     assert adapted["image"] and adapted["text"], adapted
     assert 0 < summary.share < 0.2 and summary.lora > 0
 
@@ -72,7 +76,7 @@ def test_merge_equals_unmerged_and_scale_zero_is_base(kind, tiny_hf_dir):
     with torch.no_grad():
         model.logit_scale.add_(0.5)
         for n, p in model.named_parameters():
-            if n in model.mmft_lora["full"] and p.ndim == 2:
+            if n in lora_state(model).full and p.ndim == 2:
                 p.add_(0.01 * torch.randn_like(p))
     model.eval()
     tuned = _forward(model, size, tok)
@@ -108,12 +112,12 @@ def test_only_adapters_and_unfrozen_get_gradients(tiny_vit_cfg):
     loss.backward()
     for name, p in model.named_parameters():
         is_lora = ".lora_" in name
-        is_full = name in model.mmft_lora["full"]
+        is_full = name in lora_state(model).full
         if is_lora or is_full:
             assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
         else:
             assert not p.requires_grad and p.grad is None, name
-    assert set(model.mmft_lora["full"]) == {"logit_scale", "visual.proj", "text_projection"}
+    assert set(lora_state(model).full) == {"logit_scale", "visual.proj", "text_projection"}
 
 
 def test_per_tower_targets_layers_and_disable(tiny_vit_cfg):
@@ -121,7 +125,7 @@ def test_per_tower_targets_layers_and_disable(tiny_vit_cfg):
     cfg = LoraConfig(image=LoraTowerConfig(targets=["c_fc"], layers=r"resblocks\.1\."),
                      text=LoraTowerConfig(enabled=False))
     apply_lora(model, cfg)
-    assert model.mmft_lora["adapted"] == {"image": ["visual.transformer.resblocks.1.mlp.c_fc"], "text": []}
+    assert lora_state(model).adapted == {"image": ["visual.transformer.resblocks.1.mlp.c_fc"], "text": []}
 
 
 def test_targets_that_match_nothing_are_refused(tiny_vit_cfg):
@@ -136,7 +140,7 @@ def test_cnn_pointwise_targets_skip_depthwise():
     _, trunk = tower_bodies(model)["image"]
     wrapped = [m for m in trunk.modules() if isinstance(m, LoRAConv2d)]
     assert wrapped and all(m.base.kernel_size == (1, 1) and m.base.groups == 1 for m in wrapped)
-    names = model.mmft_lora["adapted"]["image"]
+    names = lora_state(model).adapted["image"]
     assert all(("blocks.5." in n or "blocks.6." in n or n.endswith("conv_head")) for n in names)
 
 
@@ -205,13 +209,36 @@ def test_scale_round_trip_is_bit_exact(tiny_vit_cfg):
     assert torch.equal(model.text_projection, tuned)
 
 
+def test_lora_scale_context_restores_the_scale_even_on_errors(tiny_vit_cfg):
+    model, *_ = create_model(tiny_vit_cfg)
+    assert not has_adapter(model)
+    with lora_scale(model, None):  # None: nothing to scale, nothing refused
+        pass
+    with pytest.raises(ValueError, match="no LoRA adapters"), lora_scale(model, 0.5):
+        pass
+    apply_lora(model, LoraConfig())
+    assert has_adapter(model) and lora_state(model).scale == 1.0
+    with torch.no_grad():
+        model.text_projection.add_(0.1 * torch.randn_like(model.text_projection))
+    tuned, base = model.text_projection.detach().clone(), lora_state(model).full_base["text_projection"]
+    set_lora_scale(model, 0.25)
+    with lora_scale(model, 0.0):
+        assert get_lora_scale(model) == 0.0 and torch.equal(model.text_projection, base)
+    assert get_lora_scale(model) == 0.25
+    with pytest.raises(RuntimeError, match="inside"), lora_scale(model, 1.0):
+        assert torch.equal(model.text_projection, tuned)
+        raise RuntimeError("inside")
+    assert get_lora_scale(model) == 0.25
+    torch.testing.assert_close(model.text_projection, base + 0.25 * (tuned - base))
+
+
 def test_cnn_default_adapts_the_later_half():
     model, *_ = create_model(ModelConfig(image_size=64))
     _, trunk = tower_bodies(model)["image"]
     pointwise = [n for n, m in trunk.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
                  and m.groups == 1]
     apply_lora(model, LoraConfig())
-    names = model.mmft_lora["adapted"]["image"]
+    names = lora_state(model).adapted["image"]
     assert names == [f"visual.trunk.{n}" for n in pointwise[len(pointwise) // 2:]]
     assert not any(".blocks.0." in n or ".blocks.1." in n for n in names)
 

@@ -102,6 +102,26 @@ def test_resume_reaches_the_same_parameters(tmp_path):
         torch.testing.assert_close(got[n], t, atol=1e-6, rtol=1e-5, msg=n)
 
 
+def test_saved_config_is_the_one_that_ran_after_a_world_size_change(tmp_path):
+    """A checkpoint of a 2-process run resumed on one process doubles accum_steps; config.yaml says so."""
+    from mmft.rundir import RunDir
+
+    cfg = _cfg(tmp_path, steps=2, checkpoint_every=2)
+    model, tok, batches, _ = _data(cfg, n=64)
+    train(cfg, train_data=batches, model=model, tokenizer=tok)
+    run = RunDir(cfg.train.output_dir)
+    assert run.config().train.accum_steps == 1
+    path = max(run.checkpoints.glob("step-*.pt"))
+    saved = torch.load(path, weights_only=False)
+    saved["world_size"], saved["rng"] = 2, [saved["rng"]] * 2  # as two ranks would have written it
+    torch.save(saved, path)
+    again = _cfg(tmp_path, steps=3, checkpoint_every=2)
+    model, tok, batches, _ = _data(again, n=64)
+    with pytest.warns(UserWarning, match="accum_steps 1 -> 2"):
+        train(again, train_data=batches, model=model, tokenizer=tok)
+    assert run.config().train.accum_steps == 2 and run.summary()["steps"] == 3
+
+
 def test_groups_reach_the_loss(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path, steps=2)
     model, _, pv, tok = create_model(cfg.model)

@@ -84,6 +84,7 @@ def child_open_clip(spec: dict) -> dict:
 def child_mmft(spec: dict) -> dict:
     clock = StepClock()
     from mmft.config import ModelConfig, load_config
+    from mmft.rundir import RunDir
     from mmft.training.trainer import train
 
     cfg = load_config(None, spec.get("mmft_set", []))  # the defaults, or a recipe variant to compare
@@ -93,7 +94,7 @@ def child_mmft(spec: dict) -> dict:
     t.output_dir, t.steps, t.precision, t.device = spec["run_dir"], spec["steps"], "fp32", "cpu"
     t.lr, t.warmup_steps, t.log_every, t.resume, t.seed = spec["lr"], spec["warmup"], 1, False, 0
     run_dir = train(cfg)
-    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    summary = RunDir(run_dir).summary()
     return {"step_times": clock.times, "params": clock.params, "self_reported_sps": summary["samples_per_s"],
             "trainable_parameters": summary["trainable_parameters"]}
 
@@ -272,9 +273,9 @@ def evaluate(a, base: Path, oc_ckpt: Path, run_dir: Path) -> dict:
     """Recall on the eval shards of the untrained base, open_clip's final checkpoint and mmft's adapter."""
     import torch
 
-    from mmft.model.adapter import load_model
     from mmft.config import DataConfig, ModelConfig
     from mmft.data.stream import eval_loader
+    from mmft.model.adapter import load_model
     from mmft.model.factory import create_model
     from mmft.training.validate import retrieval_recall
 
@@ -387,8 +388,8 @@ def parse_args(argv):
 
 def expand_or_exit(a) -> list[str]:
     """The training shard paths; a missing shard or eval shard ends the script with one sentence."""
-    from mmft.data.stream import expand_specs
     from mmft.data.stages import DataError
+    from mmft.data.stream import expand_specs
 
     try:
         # the trainers run in the work folder: local paths must not depend on this process's cwd

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from mmft.config import Config, load_config
+from mmft.rundir import RunDir
 
 log = logging.getLogger("mmft.demo.runner")
 DATA_PREFIX, RUNS_PREFIX = "data/demo", "runs/demo"
@@ -63,10 +64,10 @@ def _say(msg: str) -> None:
 def _train_once(cfg: Config):
     from mmft.training.trainer import train
 
-    run = Path(cfg.train.output_dir)
-    if (run / "summary.json").is_file() and (run / "adapter-best").is_dir():
-        print(f"{run} is complete; reusing it")
-        return run
+    run = RunDir(cfg.train.output_dir)
+    if run.is_complete():
+        print(f"{run.path} is complete; reusing it")
+        return run.path
     return train(cfg)
 
 

@@ -174,25 +174,21 @@ class _Embedder:
 
     def __call__(self, set_name: str, model, tokenizer, preprocess, scale: float | None):
         from mmft.embeddings import embed
-        from mmft.model.lora import get_lora_scale, set_lora_scale
+        from mmft.model.lora import lora_scale
 
         key = (set_name, id(model), scale)
         if key not in self.cache:
-            old = get_lora_scale(model)
-            if scale is not None:
-                set_lora_scale(model, scale)
-            try:
+            with lora_scale(model, scale):
                 self.cache[key] = embed(model, self.sets[set_name], tokenizer=tokenizer, preprocess=preprocess,
                                         data_cfg=self.data_cfg, batch_size=self.batch_size,
                                         progress=self.progress)
-            finally:
-                if scale is not None:
-                    set_lora_scale(model, old)
         return self.cache[key]
 
 
 def _default_rows(model) -> list[EvalRow]:
-    if getattr(model, "mmft_lora", None) is None:
+    from mmft.model.lora import has_adapter
+
+    if not has_adapter(model):
         return [EvalRow("model")]
     return [EvalRow("baseline", 0.0), EvalRow("tuned", 1.0)]
 
@@ -271,6 +267,7 @@ def evaluate(model, sets: dict[str, Any], *, tokenizer=None, preprocess=None, ev
     """
     from mmft import __version__
     from mmft.embeddings import model_fingerprint
+    from mmft.model.lora import has_adapter
 
     cfg, icfg = eval_cfg or EvalConfig(), index_cfg or IndexConfig()
     if not sets:
@@ -279,7 +276,7 @@ def evaluate(model, sets: dict[str, Any], *, tokenizer=None, preprocess=None, ev
     rows = rows or _default_rows(model)
     if len({r.name for r in rows}) != len(rows):
         raise ValueError(f"row names must be unique, got {[r.name for r in rows]}")
-    do_sweep = sweep if sweep is not None else getattr(model, "mmft_lora", None) is not None
+    do_sweep = sweep if sweep is not None else has_adapter(model)
     if do_sweep and "domain" not in sets:
         raise ValueError("the LoRA-scale sweep needs a set named 'domain'; name one so or pass sweep=False")
     embedder = _Embedder(sets, data_cfg, cfg.batch_size, progress)
@@ -321,12 +318,13 @@ def evaluate(model, sets: dict[str, Any], *, tokenizer=None, preprocess=None, ev
 
 def _run_data_config(run_dir: Path):
     """The data section of the run's saved config (caption/group fields), or the defaults."""
-    from mmft.config import ConfigError, DataConfig, load_config
-    from mmft.training.trainer import RUN_CONFIG
+    from mmft.config import ConfigError, DataConfig
+    from mmft.rundir import RunDir
 
-    if (run_dir / RUN_CONFIG).is_file():
+    run = RunDir(run_dir)
+    if run.config_path.is_file():
         try:
-            return load_config(run_dir / RUN_CONFIG).data
+            return run.config().data
         except ConfigError:  # an older or foreign config: fall back to the defaults
             pass
     return DataConfig()
@@ -341,6 +339,7 @@ def evaluate_run(run_dir: str | Path, eval_cfg: EvalConfig | None = None, out_di
     index_cfg: the settings of the index searches go through (see `evaluate`).
     """
     from mmft.model.adapter import load_model
+    from mmft.rundir import RunDir
 
     cfg = eval_cfg or EvalConfig()
     if not cfg.domain:
@@ -352,6 +351,6 @@ def evaluate_run(run_dir: str | Path, eval_cfg: EvalConfig | None = None, out_di
     report = evaluate(model, sets, tokenizer=tokenizer, preprocess=preprocess, eval_cfg=cfg,
                       index_cfg=index_cfg,
                       data_cfg=data_cfg or _run_data_config(run_dir), relevance=relevance,
-                      out_dir=Path(out_dir) if out_dir is not None else run_dir / "eval", seed=seed,
+                      out_dir=Path(out_dir) if out_dir is not None else RunDir(run_dir).eval_dir, seed=seed,
                       progress=progress, info={"run_dir": str(run_dir)})
     return report

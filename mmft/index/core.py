@@ -269,18 +269,16 @@ def build_index_from_model(model, shards, out_dir: str | Path, *, tokenizer=None
     import shutil
 
     from mmft.embeddings import embed
-    from mmft.model.lora import get_lora_scale, set_lora_scale
+    from mmft.model.lora import has_adapter, lora_scale
 
     cfg = index_cfg or IndexConfig()
     out_dir = Path(out_dir)
-    has_adapter = getattr(model, "mmft_lora", None) is not None
-    old_scale = get_lora_scale(model)
     emb_dir = out_dir / "embeddings"
     try:
-        if has_adapter:
-            set_lora_scale(model, cfg.lora_scale)
-        emb = embed(model, shards, tokenizer=tokenizer, preprocess=preprocess, data_cfg=data_cfg,
-                    batch_size=batch_size, fp16=cfg.fp16, out_dir=emb_dir, modality=modality, progress=progress)
+        with lora_scale(model, cfg.lora_scale if has_adapter(model) else None):
+            emb = embed(model, shards, tokenizer=tokenizer, preprocess=preprocess, data_cfg=data_cfg,
+                        batch_size=batch_size, fp16=cfg.fp16, out_dir=emb_dir, modality=modality,
+                        progress=progress)
         specs = [shards] if isinstance(shards, (str, Path)) else shards
         is_specs = isinstance(specs, (list, tuple)) and all(isinstance(s, (str, Path)) for s in specs)
         source = {"shards": [str(s) for s in specs] if is_specs else "in-memory batches"}
@@ -291,8 +289,6 @@ def build_index_from_model(model, shards, out_dir: str | Path, *, tokenizer=None
 
             write_thumbnails(specs, out_dir, size=cfg.thumbnails, data_cfg=data_cfg)
     finally:
-        if has_adapter:
-            set_lora_scale(model, old_scale)
         if not keep_embeddings:
             shutil.rmtree(emb_dir, ignore_errors=True)
     return index
@@ -306,9 +302,10 @@ def build_index_from_run(run_dir: str | Path, shards, out_dir: str | Path | None
     out_dir defaults to run_dir/index. The manifest records run_dir so `query_index` can find the model.
     """
     from mmft.model.adapter import load_model
+    from mmft.rundir import RunDir
 
     model, preprocess, tokenizer = load_model(run_dir)
-    out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "index"
+    out_dir = Path(out_dir) if out_dir is not None else RunDir(run_dir).index_dir
     return build_index_from_model(model, shards, out_dir, tokenizer=tokenizer, preprocess=preprocess,
                                   index_cfg=index_cfg, data_cfg=data_cfg, modality=modality,
                                   batch_size=batch_size,
@@ -325,11 +322,11 @@ def _model_for(index_dir: Path, manifest: dict, model):
                              "that built it")
     if isinstance(model, (str, Path)):
         from mmft.model.adapter import adapter_digest, load_model
-        from mmft.model.lora import set_lora_scale
+        from mmft.model.lora import has_adapter, set_lora_scale
 
         m, preprocess, tokenizer = load_model(model)
         # A freshly loaded run sits at scale 1; the same adapter at the index's scale embeds as the index did.
-        if manifest.get("adapter_sha256") is None and getattr(m, "mmft_lora", None) is not None:
+        if manifest.get("adapter_sha256") is None and has_adapter(m):
             set_lora_scale(m, 0.0)
         elif manifest.get("adapter_sha256") == adapter_digest(m):
             set_lora_scale(m, manifest["lora_scale"])

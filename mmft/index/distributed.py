@@ -38,6 +38,7 @@ from mmft.index.faiss_backend import (
 )
 from mmft.index.manifest import fingerprint_of
 from mmft.io import atomic_path, write_json
+from mmft.rundir import RunDir
 
 PART_FILE, PARTS_FILE, ROWS_FILE, IVFDATA_FILE = "part.json", "parts.json", "rows.npy", "index.ivfdata"
 PARTS_FORMAT = 1
@@ -107,12 +108,12 @@ def embed_run(run_dir: str | Path, shards, out_dir: str | Path, *, lora_scale: f
     than ranks); rows.npy (N, 2) int64 records each image's (shard number, position in the shard).
     After a barrier, rank 0 writes out_dir/parts.json, the manifest of the whole set. Returns out_dir.
     """
-    from mmft.model.adapter import load_model
-    from mmft.data.stream import expand_specs
     from mmft.data.stages import SkipStats
+    from mmft.data.stream import expand_specs
     from mmft.embeddings import embed
-    from mmft.model.lora import set_lora_scale
-    from mmft.training.trainer import resolve_device
+    from mmft.model.adapter import load_model
+    from mmft.model.lora import has_adapter
+    from mmft.model.lora import lora_scale as scaled
 
     rank, world = dist_utils.rank_world()
     specs = [str(shards)] if isinstance(shards, (str, Path)) else [str(s) for s in shards]
@@ -122,17 +123,16 @@ def embed_run(run_dir: str | Path, shards, out_dir: str | Path, *, lora_scale: f
     if rank == 0:
         (out_dir / PARTS_FILE).unlink(missing_ok=True)  # present only over a complete set of parts
     (part / PART_FILE).unlink(missing_ok=True)
-    dev = dist_utils.device_for_rank(resolve_device(device))
+    dev = dist_utils.device_for_rank(dist_utils.resolve_device(device))
     model, preprocess, tokenizer = load_model(run_dir, adapter=adapter, device=dev)
-    if getattr(model, "mmft_lora", None) is not None:
-        set_lora_scale(model, lora_scale)
     workers = data_cfg.num_workers
     plan = _split(list(range(len(urls))), 1, 0, world, rank)
     dataset = _TaggedShards(urls, plan, data_cfg, preprocess, batch_size, max(1, workers))
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=dev.type == "cuda")
     tags, stats = [], SkipStats(log=True)
-    emb = embed(model, _untag(loader, tags, stats), tokenizer=tokenizer, batch_size=batch_size, fp16=fp16,
-                out_dir=part, modality=modality, device=dev, progress=rank == 0)
+    with scaled(model, lora_scale if has_adapter(model) else None):
+        emb = embed(model, _untag(loader, tags, stats), tokenizer=tokenizer, batch_size=batch_size,
+                    fp16=fp16, out_dir=part, modality=modality, device=dev, progress=rank == 0)
     with atomic_path(part / ROWS_FILE) as tmp, open(tmp, "wb") as f:
         np.save(f, np.concatenate(tags) if tags else np.zeros((0, 2), np.int64))
     info = {"format": PARTS_FORMAT, "rank": rank, "world_size": world, "specs": specs, "shards": urls,
@@ -342,7 +342,7 @@ def build_index_distributed(run_dir: str | Path, shards, out_dir: str | Path | N
     The same index as mmft.index.core.build_index_from_run (out_dir defaults to run_dir/index).
     """
     cfg = index_cfg or IndexConfig()
-    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "index"
+    out = Path(out_dir) if out_dir is not None else RunDir(run_dir).index_dir
     parts = out / "embeddings"
     embed_run(run_dir, shards, parts, lora_scale=cfg.lora_scale, data_cfg=data_cfg, modality=modality,
               batch_size=batch_size, fp16=cfg.fp16)

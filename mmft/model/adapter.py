@@ -17,8 +17,18 @@ import torch
 from mmft import __version__
 from mmft.config import LoraConfig, config_from_dict, to_dict
 from mmft.io import atomic_path, write_json
-from mmft.model.lora import apply_lora, get_lora_scale, merge_lora, set_lora_scale, tuned_full_params
 from mmft.model.factory import create_model, describe_identity, model_identity
+from mmft.model.lora import (
+    apply_lora,
+    get_lora_scale,
+    has_adapter,
+    lora_state,
+    merge_lora,
+    set_lora_scale,
+    tuned_full_params,
+)
+from mmft.model.lora import lora_scale as scaled
+from mmft.rundir import RunDir
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -39,7 +49,7 @@ _CONFIG_FIELDS = {"base_model": dict, "lora": dict, "adapted": dict, "full": lis
 
 def adapter_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """LoRA matrices and fully trained parameters (at scale 1), keyed by parameter name."""
-    if getattr(model, "mmft_lora", None) is None:
+    if not has_adapter(model):
         raise ValueError("this model has no adapter (apply_lora first)")
     out = {n: p.detach() for n, p in model.named_parameters() if ".lora_" in n}
     out.update(tuned_full_params(model))
@@ -48,7 +58,7 @@ def adapter_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def adapter_digest(model: torch.nn.Module) -> str | None:
     """sha256 over the adapter tensors (names, shapes, bytes); None when the model has no adapter."""
-    if getattr(model, "mmft_lora", None) is None:
+    if not has_adapter(model):
         return None
     return tensor_digest(adapter_tensors(model))
 
@@ -69,16 +79,16 @@ def save_adapter(model: torch.nn.Module, out_dir: str | Path) -> Path:
 
     out_dir = Path(out_dir)
     tensors = adapter_tensors(model)
-    state = model.mmft_lora
+    state = lora_state(model)
     with atomic_path(out_dir / ADAPTER_WEIGHTS) as tmp:
         save_file(tensors, str(tmp))
     write_json(out_dir / ADAPTER_CONFIG, {
         "format": FORMAT,
         "mmft_version": __version__,
         "base_model": model_identity(model),
-        "lora": to_dict(state["config"]),
-        "adapted": state["adapted"],
-        "full": state["full"],
+        "lora": to_dict(state.config),
+        "adapted": state.adapted,
+        "full": state.full,
         "digest": adapter_digest(model),
     })
     return out_dir
@@ -148,11 +158,11 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, partial: bo
     """
     meta = read_adapter_config(adapter_dir)
     check_identity(meta["base_model"], model, f"the adapter in '{adapter_dir}'")
-    if getattr(model, "mmft_lora", None) is None:
+    if not has_adapter(model):
         apply_lora(model, config_from_dict({"lora": meta["lora"]}).lora)
     tensors = read_adapter_tensors(adapter_dir, meta)
     params = dict(model.named_parameters())
-    expected = {n for n in params if ".lora_" in n} | set(model.mmft_lora["full"])
+    expected = {n for n in params if ".lora_" in n} | set(lora_state(model).full)
     if partial:
         tensors = {n: t for n, t in tensors.items() if n in expected}
         if not tensors:
@@ -163,17 +173,14 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, partial: bo
             f"the adapter in '{adapter_dir}' does not fit this model's LoRA layout "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]}); was it saved with another lora config?"
         )
-    scale = get_lora_scale(model)
-    if scale != 1.0:
-        set_lora_scale(model, 1.0)
     for name, t in tensors.items():
         if params[name].shape != t.shape:
             raise AdapterMismatchError(f"adapter tensor {name} in '{adapter_dir}' has shape {tuple(t.shape)}, "
                                        f"the model needs {tuple(params[name].shape)}: its {ADAPTER_CONFIG} "
                                        "does not describe its tensors")
-        params[name].copy_(t)
-    if scale != 1.0:
-        set_lora_scale(model, scale)
+    with scaled(model, 1.0):  # the saved tensors are the scale-1 values
+        for name, t in tensors.items():
+            params[name].copy_(t)
     return model
 
 
@@ -188,7 +195,7 @@ def export(model: torch.nn.Module, path: str | Path, *, lora_scale: float | None
     """
     path = Path(path)
     merged = copy.deepcopy(model)
-    if getattr(merged, "mmft_lora", None) is not None:
+    if has_adapter(merged):
         if lora_scale is not None:
             set_lora_scale(merged, lora_scale)
         merge_lora(merged)
@@ -224,20 +231,10 @@ def load_model(run_dir: str | Path, *, adapter: str = "best", device: str | torc
 
     `adapter` is "best" (best validation checkpoint), "last", or a path to an adapter directory.
     """
-    from mmft.training.trainer import RUN_CONFIG
-
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / RUN_CONFIG
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"'{run_dir}' is not an mmft run directory ({RUN_CONFIG} is missing)")
-    from mmft.config import load_config
-
-    cfg = load_config(cfg_path)
-    adapter_dir = Path(adapter) if adapter not in ("best", "last") else run_dir / f"adapter-{adapter}"
-    if adapter == "best" and not adapter_dir.is_dir():
-        adapter_dir = run_dir / "adapter-last"
+    run = RunDir(run_dir)
+    cfg = run.config()
     model, _, preprocess_val, tokenizer = create_model(cfg.model, device=device)
-    load_adapter(model, adapter_dir)
+    load_adapter(model, run.find_adapter(adapter))
     model.eval()
     return LoadedModel(model, preprocess_val, tokenizer)
 

@@ -1,71 +1,55 @@
 """The trainer: LoRA fine-tuning of a dual encoder, writing a run directory that every later stage reads.
 
-Run directory:
-    config.yaml          the resolved config (load_model rebuilds the model from it)
-    log.jsonl            one JSON line per log/validation event
-    checkpoints/         step-XXXXXXXX.pt: trainable tensors, optimizer, scheduler, step, RNG, data position
-    adapter-best/        adapter of the best validation score (or of the end when there is no validation)
-    adapter-last/        adapter at the end of training
-    summary.json         final metrics, skipped samples by reason, speed, trainable parameters
+`train` reads like a recipe: set the run up (model with LoRA, data, loss, DDP), read the newest
+checkpoint, write the final config, build the optimizer, then epochs of steps, each step maybe
+followed by a validation and a checkpoint, and at the end the adapters and the summary. The state
+that moves between steps is a `TrainState`; the fixed parts of the run are a `Setup`. What the run
+directory holds and what its files are called: mmft.rundir.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import yaml
 
 from mmft import distributed as dist_utils
-from mmft.model.adapter import save_adapter
-from mmft.config import Config, to_dict
-from mmft.io import atomic_path, write_json
-from mmft.model.lora import apply_lora, train_mode, trainable_summary
-from mmft.model.factory import create_model, uses_sigmoid_loss
+from mmft.config import Config
+from mmft.model.adapter import load_adapter, save_adapter
+from mmft.model.factory import create_model, enable_activation_checkpointing, uses_sigmoid_loss
+from mmft.model.lora import (
+    TrainableSummary,
+    apply_lora,
+    has_adapter,
+    lora_state,
+    train_mode,
+    trainable_summary,
+)
+from mmft.rundir import RunDir
+from mmft.training.state import (
+    Checkpointer,
+    RunLog,
+    TrainState,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    trainable_state,
+)
 from mmft.training.validate import retrieval_recall
 
 log = logging.getLogger("mmft.training.trainer")
-RUN_CONFIG = "config.yaml"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def param_groups(model: torch.nn.Module, cfg) -> list[dict]:
-    """AdamW groups: no weight decay on norms, biases and the temperature; head_lr for fully trained tensors."""
-    full = set(model.mmft_lora["full"]) if getattr(model, "mmft_lora", None) else set()
+    """AdamW groups: no weight decay on norms, biases and the temperature; head_lr for fully trained ones."""
+    state = lora_state(model)
+    full = set(state.full) if state is not None else set()
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -113,37 +97,6 @@ def pick_loss(model: torch.nn.Module, cfg):
     return kind, lambda out, groups: fn(**out, group_ids=groups, impl=cfg.loss_impl)
 
 
-class Checkpointer:
-    """Atomic checkpoints of the trainable state, keeping the newest `keep`."""
-
-    def __init__(self, run_dir: Path, keep: int):
-        self.dir = run_dir / "checkpoints"
-        self.keep = max(keep, 1)
-
-    def paths(self) -> list[Path]:
-        return sorted(self.dir.glob("step-*.pt"))
-
-    def save(self, state: dict, step: int) -> Path:
-        path = self.dir / f"step-{step:08d}.pt"
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
-        for old in self.paths()[: -self.keep]:
-            old.unlink(missing_ok=True)
-        return path
-
-    def latest(self) -> dict | None:
-        for path in reversed(self.paths()):
-            try:
-                return torch.load(path, map_location="cpu", weights_only=False)
-            except Exception as e:  # noqa: BLE001 (a damaged file raises many kinds): fall back to the previous one
-                log.warning("checkpoint %s is unreadable (%s); trying an older one", path, e)
-        return None
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def optimizer_step(model, optimizer, scheduler, scaler, grad_clip: float) -> None:
     """Unscale, clip, step, schedule; then clamp the temperature as CLIP does (logits stay <= 100)."""
     scaler.unscale_(optimizer)
@@ -174,37 +127,7 @@ def _num_batches(data, cfg: Config) -> int | None:
         return n or None
 
 
-class RunLog:
-    """log.jsonl of a run (one JSON record per line), mirrored to TensorBoard when train.tensorboard is set.
-
-    Numeric fields of a record become scalars named "<event>/<field>" at the record's step.
-    """
-
-    def __init__(self, run_dir: Path, tensorboard: bool = False):
-        self.path, self.writer = run_dir / "log.jsonl", None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise ImportError("train.tensorboard=true needs the tensorboard package: "
-                                  "pip install 'mmft[tensorboard]' (or set train.tensorboard=false)") from e
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if key not in ("event", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(f"{record['event']}/{key}", value, record["step"])
-            self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _build_data(cfg: Config, model, preprocess_train, preprocess_val, tokenizer, device, train_data, val_data):
+def _build_data(cfg: Config, preprocess_val, tokenizer, device: torch.device, train_data, val_data):
     from mmft.data import stream as data_mod
 
     if train_data is None:
@@ -218,6 +141,259 @@ def _build_data(cfg: Config, model, preprocess_train, preprocess_val, tokenizer,
     return train_data, val_data
 
 
+# ---------------------------------------------------------------- the fixed parts of a run
+
+
+@dataclass
+class Setup:
+    """Everything a run fixes before its first step (the optimizer once the run length is known)."""
+
+    cfg: Config
+    run: RunDir
+    device: torch.device
+    rank: int
+    world: int
+    model: torch.nn.Module  # the adapted model (what is validated and saved)
+    ddp_model: torch.nn.Module  # what the steps call: DDP-wrapped, head-only on cached features
+    tokenizer: Any
+    train_data: Iterable
+    val_data: Iterable | None
+    loss_kind: str
+    loss_fn: Callable
+    params: TrainableSummary
+    ckpt: Checkpointer
+    log: RunLog | None  # rank 0 only
+    total_steps: int = 0
+    optimizer: Any = None
+    scheduler: Any = None
+    scaler: Any = None
+    progress: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _build_model(cfg: Config, model, tokenizer, device: torch.device):
+    """(model with LoRA on `device`, eval preprocess, tokenizer, trainable summary); None creates one."""
+    preprocess_val = None
+    if model is None:
+        model, _, preprocess_val, tokenizer = create_model(cfg.model, device=device)
+    params = trainable_summary(model) if has_adapter(model) else apply_lora(model, cfg.lora)
+    if cfg.train.init_adapter:
+        load_adapter(model, cfg.train.init_adapter, partial=True)
+    model.to(device)
+    if cfg.train.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    return model, preprocess_val, tokenizer, params
+
+
+def _setup(cfg: Config, train_data, val_data, model, tokenizer) -> Setup:
+    tcfg = cfg.train
+    rank, world = dist_utils.rank_world()
+    device = dist_utils.device_for_rank(dist_utils.resolve_device(tcfg.device))
+    run = RunDir(tcfg.output_dir)
+    if rank == 0:
+        run.path.mkdir(parents=True, exist_ok=True)
+    seed_everything(tcfg.seed)
+    model, preprocess_val, tokenizer, params = _build_model(cfg, model, tokenizer, device)
+    if rank == 0:
+        log.info("%s", params)
+    forward_model = model
+    if tcfg.cache_features:
+        from mmft.training.feature_cache import HeadOnly, cached_head_data
+
+        train_data = cached_head_data(model, cfg, train_data, tokenizer, device, preprocess_val)
+        forward_model = HeadOnly(model)
+    train_data, val_data = _build_data(cfg, preprocess_val, tokenizer, device, train_data, val_data)
+    loss_kind, loss_fn = pick_loss(model, tcfg)
+    return Setup(cfg=cfg, run=run, device=device, rank=rank, world=world, model=model,
+                 ddp_model=dist_utils.wrap_ddp(forward_model, device), tokenizer=tokenizer,
+                 train_data=train_data, val_data=val_data, loss_kind=loss_kind, loss_fn=loss_fn,
+                 params=params, ckpt=Checkpointer(run, tcfg.keep_checkpoints),
+                 log=RunLog(run, tcfg.tensorboard) if rank == 0 else None)
+
+
+def _read_checkpoint(s: Setup) -> tuple[dict | None, bool]:
+    """(newest checkpoint or None, same world size). Rank 0 reads it and sends it to every rank, so all
+    resume from the same one (even without a shared file system); a new world size changes
+    train.accum_steps to keep the global batch."""
+    if not s.cfg.train.resume:
+        return None, True
+    saved = dist_utils.broadcast_object(s.ckpt.latest() if s.is_main else None)
+    if saved is None:
+        return None, True
+    same = dist_utils.check_resume_world(saved["world_size"], saved["accum_steps"], s.world, s.cfg.train)
+    return saved, same
+
+
+def _build_optimizer(s: Setup) -> None:
+    """The run length (needs the final accum_steps), AdamW, the LR schedule and the fp16 grad scaler."""
+    tcfg = s.cfg.train
+    per_epoch = _num_batches(s.train_data, s.cfg)
+    s.total_steps = tcfg.steps or (math.ceil(tcfg.epochs * per_epoch / tcfg.accum_steps) if per_epoch else 0)
+    if s.total_steps <= 0:
+        raise ValueError("cannot tell the run length: set train.steps, or give data with a known length")
+    s.optimizer = torch.optim.AdamW(param_groups(s.model, tcfg), betas=tuple(tcfg.betas), eps=tcfg.eps)
+    schedule = lr_lambda(s.total_steps, tcfg.warmup_steps, tcfg.min_lr_ratio)
+    s.scheduler = torch.optim.lr_scheduler.LambdaLR(s.optimizer, schedule)
+    s.scaler = torch.amp.GradScaler("cuda", enabled=tcfg.precision == "fp16" and s.device.type == "cuda")
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _checkpoint(s: Setup, st: TrainState) -> dict:
+    """What a checkpoint holds. Every rank calls it: the RNG states of all ranks are gathered."""
+    return {"trainable": trainable_state(s.model), "optimizer": s.optimizer.state_dict(),
+            "scheduler": s.scheduler.state_dict(), "scaler": s.scaler.state_dict(), **st.counters(),
+            "rng": dist_utils.gather_objects(rng_state()), "world_size": s.world,
+            "accum_steps": s.cfg.train.accum_steps}
+
+
+def _restore(s: Setup, saved: dict, same_world: bool) -> TrainState:
+    """Load a checkpoint into the model, optimizer, scheduler, scaler and RNGs; return its TrainState."""
+    params = dict(s.model.named_parameters())
+    with torch.no_grad():
+        for n, t in saved["trainable"].items():
+            params[n].copy_(t)
+    s.optimizer.load_state_dict(saved["optimizer"])
+    s.scheduler.load_state_dict(saved["scheduler"])
+    s.scaler.load_state_dict(saved["scaler"])
+    st = TrainState.from_checkpoint(saved)
+    rngs = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]
+    set_rng_state(rngs[s.rank] if same_world else rngs[0])
+    if not same_world:
+        st.batch_in_epoch = 0  # per-rank positions do not carry over to another world size
+    if s.is_main:
+        log.info("resumed from step %d (epoch %d, batch %d)", st.step, st.epoch, st.batch_in_epoch)
+    return st
+
+
+def _maybe_checkpoint(s: Setup, st: TrainState, force: bool) -> None:
+    """Checkpoint every train.checkpoint_every steps, after each validation, and when `force`d (the end)."""
+    every = s.cfg.train.checkpoint_every
+    if (every and st.step % every == 0) or st.last_val == st.step or force:
+        state = _checkpoint(s, st)
+        if s.is_main:
+            s.ckpt.save(state, st.step)
+        dist_utils.barrier()
+
+
+# ---------------------------------------------------------------- steps
+
+
+def _validate(s: Setup, st: TrainState) -> bool:
+    """Score the validation set and keep the best adapter; True when early stopping triggers."""
+    tcfg = s.cfg.train
+    st.last_val = st.step
+    if s.val_data is None or s.tokenizer is None:
+        return False
+    metrics = retrieval_recall(s.model, s.val_data, s.tokenizer, s.device) if s.is_main else {}
+    metrics = dist_utils.broadcast_object(metrics)
+    score = metrics[tcfg.val_metric]
+    improved = score > st.best["score"]
+    if improved:
+        st.best, st.bad_vals = {"score": score, "step": st.step, "metrics": metrics}, 0
+        if s.is_main:
+            save_adapter(s.model, s.run.adapter("best"))
+    else:
+        st.bad_vals += 1
+    if s.is_main:
+        s.log.write({"event": "val", "step": st.step, **metrics, "best": improved})
+    train_mode(s.model)
+    return bool(tcfg.early_stop_patience and st.bad_vals >= tcfg.early_stop_patience)
+
+
+def _maybe_validate(s: Setup, st: TrainState) -> bool:
+    """Validate every train.val_every steps; True when early stopping triggers."""
+    every = s.cfg.train.val_every
+    return bool(every and st.step % every == 0) and _validate(s, st)
+
+
+def _forward_backward(s: Setup, st: TrainState, batch: dict, last_micro: bool) -> torch.Tensor:
+    """Loss and gradients of one micro-batch (accumulated into .grad); returns the loss."""
+    tcfg = s.cfg.train
+    images = batch["image"].to(s.device, non_blocking=True)  # (B, 3, S, S)
+    texts = batch["text"].to(s.device, non_blocking=True)  # (B, L)
+    groups = batch.get("group") if tcfg.use_groups else None
+    groups = groups.to(s.device) if groups is not None else None
+    # DDP all-reduces gradients on the last micro-step of an accumulation only; the earlier ones add
+    # to the local .grad, which the last reduction then averages with the rest.
+    sync = last_micro or not hasattr(s.ddp_model, "no_sync")
+    with contextlib.nullcontext() if sync else s.ddp_model.no_sync():
+        with autocast_for(s.device, tcfg.precision):
+            out = s.ddp_model(images, texts)
+        loss = s.loss_fn({k: v.float() if torch.is_tensor(v) else v for k, v in out.items()}, groups)
+        s.scaler.scale(loss / tcfg.accum_steps).backward()
+    st.samples += images.shape[0] * s.world
+    return loss
+
+
+def _step(s: Setup, st: TrainState, loss: torch.Tensor) -> None:
+    """Apply the accumulated gradients, count the step and report it (progress bar, log.jsonl)."""
+    tcfg = s.cfg.train
+    optimizer_step(s.model, s.optimizer, s.scheduler, s.scaler, tcfg.grad_clip)
+    st.step += 1
+    st.last_loss = dist_utils.mean_over_ranks(loss.detach())  # the global-batch loss
+    sps = st.samples / max(time.perf_counter() - st.t_start, 1e-9)
+    skipped = getattr(s.train_data, "stats", None)
+    s.progress.update(1)
+    s.progress.set_postfix(loss=f"{st.last_loss:.4f}", sps=f"{sps:.1f}",
+                           **({"skipped": skipped.total} if skipped is not None and skipped.total else {}))
+    if s.is_main and (st.step % tcfg.log_every == 0 or st.step == s.total_steps):
+        s.log.write({"event": "train", "step": st.step, "epoch": st.epoch, "loss": st.last_loss,
+                     "lr": s.scheduler.get_last_lr()[0], "samples_per_s": sps,
+                     "logit_scale": s.model.logit_scale.exp().item(),
+                     **({"skipped": dict(skipped.counts)} if skipped is not None else {})})
+
+
+def _train_epoch(s: Setup, st: TrainState) -> bool:
+    """The rest of the current epoch, step by step; True when the run is over (length or early stop)."""
+    accum = s.cfg.train.accum_steps
+    seen = micro = 0
+    for batch in _epoch_batches(s.train_data, st.epoch, st.batch_in_epoch):
+        seen += 1
+        st.batch_in_epoch += 1
+        loss = _forward_backward(s, st, batch, last_micro=micro + 1 == accum)
+        micro += 1
+        if micro < accum:
+            continue
+        micro = 0
+        _step(s, st, loss)
+        early = _maybe_validate(s, st)
+        stop = st.step >= s.total_steps or early
+        _maybe_checkpoint(s, st, force=stop)
+        if stop:
+            return True
+    if seen == 0 and st.batch_in_epoch == 0:
+        raise ValueError("the training data yielded no batches")
+    st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+    return False
+
+
+def _finish(s: Setup, st: TrainState) -> None:
+    """adapter-last (and adapter-best when no validation kept one), then summary.json, the run's last file."""
+    elapsed = time.perf_counter() - st.t_start
+    if s.is_main:
+        s.log.close()
+        save_adapter(s.model, s.run.adapter("last"))
+        if st.best["step"] is None:
+            save_adapter(s.model, s.run.adapter("best"))
+        skipped = getattr(s.train_data, "stats", None)
+        s.run.write_summary({
+            "steps": st.step, "epochs_completed": st.epoch, "loss": st.last_loss, "loss_kind": s.loss_kind,
+            "samples_per_s": st.samples / max(elapsed, 1e-9), "train_seconds": elapsed, "world_size": s.world,
+            "trainable_parameters": s.params.trainable, "total_parameters": s.params.total,
+            "trainable_share": s.params.share, "best": st.best,
+            "skipped": dict(skipped.counts) if skipped is not None else {},
+        })
+    dist_utils.barrier()
+
+
+# ---------------------------------------------------------------- the recipe
+
+
 def train(cfg: Config, *, train_data: Iterable | None = None, val_data: Iterable | None = None,
           model: torch.nn.Module | None = None, tokenizer=None) -> Path:
     """Fine-tune per `cfg` and return the run directory.
@@ -227,187 +403,22 @@ def train(cfg: Config, *, train_data: Iterable | None = None, val_data: Iterable
     {"image": (B,3,S,S), "captions": list[list[str]]} (default: cfg.data.val). Resumes from the newest
     checkpoint in cfg.train.output_dir when cfg.train.resume is set.
     """
-    tcfg = cfg.train
-    rank, world = dist_utils.rank_world()
-    device = dist_utils.device_for_rank(resolve_device(tcfg.device))
-    run_dir = Path(tcfg.output_dir)
-    is_main = rank == 0
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(run_dir / RUN_CONFIG) as tmp:
-            tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    seed_everything(tcfg.seed)
-
-    if model is None:
-        model, preprocess_train, preprocess_val, tokenizer = create_model(cfg.model, device=device)
-    else:
-        preprocess_train = preprocess_val = None
-    summary_params = apply_lora(model, cfg.lora) if getattr(model, "mmft_lora", None) is None else trainable_summary(model)
-    if tcfg.init_adapter:
-        from mmft.model.adapter import load_adapter
-
-        load_adapter(model, tcfg.init_adapter, partial=True)
-    model.to(device)
-    if tcfg.activation_checkpointing:
-        from mmft.model.factory import enable_activation_checkpointing
-
-        enable_activation_checkpointing(model)
-    if is_main:
-        log.info("%s", summary_params)
-    forward_model = model
-    if tcfg.cache_features:
-        from mmft.training.feature_cache import HeadOnly, cached_head_data
-
-        train_data = cached_head_data(model, cfg, train_data, tokenizer, device, preprocess_val)
-        forward_model = HeadOnly(model)
-    train_data, val_data = _build_data(cfg, model, preprocess_train, preprocess_val, tokenizer, device,
-                                       train_data, val_data)
-    loss_kind, loss_fn = pick_loss(model, tcfg)
-    ddp_model = dist_utils.wrap_ddp(forward_model, device)
-
-    ckpt = Checkpointer(run_dir, tcfg.keep_checkpoints)
-    run_log = RunLog(run_dir, tcfg.tensorboard) if is_main else None
-    # Rank 0 reads the checkpoint and sends it to every rank, so all resume from the same one (even
-    # without a shared file system); a new world size changes accum_steps before the length is derived.
-    state = dist_utils.broadcast_object(ckpt.latest() if is_main else None) if tcfg.resume else None
-    if state is not None:
-        same_world = dist_utils.check_resume_world(state["world_size"], state["accum_steps"], world, tcfg)
-    per_epoch = _num_batches(train_data, cfg)
-    total_steps = tcfg.steps or (math.ceil(tcfg.epochs * per_epoch / tcfg.accum_steps) if per_epoch else 0)
-    if total_steps <= 0:
-        raise ValueError("cannot tell the run length: set train.steps, or give data with a known length")
-    optimizer = torch.optim.AdamW(param_groups(model, tcfg), betas=tuple(tcfg.betas), eps=tcfg.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, tcfg.warmup_steps, tcfg.min_lr_ratio))
-    scaler = torch.amp.GradScaler("cuda", enabled=tcfg.precision == "fp16" and device.type == "cuda")
-
-    step, epoch, batch_in_epoch = 0, 0, 0
-    best = {"score": -math.inf, "step": None, "metrics": None}
-    bad_vals, last_val = 0, None
-    if state is not None:
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for n, t in state["trainable"].items():
-                params[n].copy_(t)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        best, bad_vals = state["best"], state["bad_vals"]
-        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
-        set_rng_state(rngs[rank] if same_world else rngs[0])
-        if not same_world:
-            batch_in_epoch = 0  # per-rank positions do not carry over to another world size
-        if is_main:
-            log.info("resumed from step %d (epoch %d, batch %d)", step, epoch, batch_in_epoch)
-
-    def make_state() -> dict:
-        return {"trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch, "best": best, "bad_vals": bad_vals,
-                "rng": dist_utils.gather_objects(rng_state()), "world_size": world,
-                "accum_steps": tcfg.accum_steps}
-
-    def validate() -> bool:
-        """Run validation, keep the best adapter; return True when early stopping triggers."""
-        nonlocal best, bad_vals
-        if val_data is None or tokenizer is None:
-            return False
-        metrics = retrieval_recall(model, val_data, tokenizer, device) if is_main else {}
-        metrics = dist_utils.broadcast_object(metrics)
-        score = metrics[tcfg.val_metric]
-        improved = score > best["score"]
-        if improved:
-            best, bad_vals = {"score": score, "step": step, "metrics": metrics}, 0
-            if is_main:
-                save_adapter(model, run_dir / "adapter-best")
-        else:
-            bad_vals += 1
-        if is_main:
-            run_log.write({"event": "val", "step": step, **metrics, "best": improved})
-        train_mode(model)
-        return bool(tcfg.early_stop_patience and bad_vals >= tcfg.early_stop_patience)
-
-    if step == 0 and tcfg.val_every:
-        validate()  # the starting point's score: the bar every later step must beat
-        last_val = 0
-    progress = dist_utils.progress(total_steps, initial=step, enabled=is_main)
-    train_mode(model)
-    samples, t_start = 0, time.perf_counter()
-    last_loss = float("nan")
-    stop = step >= total_steps
-    while not stop:
-        seen = 0
-        micro = 0
-        for batch in _epoch_batches(train_data, epoch, batch_in_epoch):
-            seen += 1
-            batch_in_epoch += 1
-            images = batch["image"].to(device, non_blocking=True)  # (B, 3, S, S)
-            texts = batch["text"].to(device, non_blocking=True)  # (B, L)
-            groups = batch.get("group") if tcfg.use_groups else None
-            groups = groups.to(device) if groups is not None else None
-            # DDP all-reduces gradients on the last micro-step of an accumulation only; the earlier ones add
-            # to the local .grad, which the last reduction then averages with the rest.
-            sync = micro + 1 == tcfg.accum_steps or not hasattr(ddp_model, "no_sync")
-            with contextlib.nullcontext() if sync else ddp_model.no_sync():
-                with autocast_for(device, tcfg.precision):
-                    out = ddp_model(images, texts)
-                loss = loss_fn({k: v.float() if torch.is_tensor(v) else v for k, v in out.items()}, groups)
-                scaler.scale(loss / tcfg.accum_steps).backward()
-            samples += images.shape[0] * world
-            micro += 1
-            if micro < tcfg.accum_steps:
-                continue
-            micro = 0
-            optimizer_step(model, optimizer, scheduler, scaler, tcfg.grad_clip)
-            step += 1
-            last_loss = dist_utils.mean_over_ranks(loss.detach())  # the global-batch loss
-            elapsed = time.perf_counter() - t_start
-            skipped = getattr(train_data, "stats", None)
-            progress.update(1)
-            progress.set_postfix(loss=f"{last_loss:.4f}", sps=f"{samples / max(elapsed, 1e-9):.1f}",
-                                 **({"skipped": skipped.total} if skipped is not None and skipped.total else {}))
-            if is_main and (step % tcfg.log_every == 0 or step == total_steps):
-                run_log.write({"event": "train", "step": step, "epoch": epoch, "loss": last_loss,
-                                    "lr": scheduler.get_last_lr()[0], "samples_per_s": samples / max(elapsed, 1e-9),
-                                    "logit_scale": model.logit_scale.exp().item(),
-                                    **({"skipped": dict(skipped.counts)} if skipped is not None else {})})
-            early = False
-            if tcfg.val_every and step % tcfg.val_every == 0:
-                early, last_val = validate(), step
-            at_ckpt = (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0) or last_val == step
-            stop = step >= total_steps or early
-            if at_ckpt or stop:
-                st = make_state()
-                if is_main:
-                    ckpt.save(st, step)
-                dist_utils.barrier()
-            if stop:
-                break
-        else:
-            if seen == 0 and batch_in_epoch == 0:
-                raise ValueError("the training data yielded no batches")
-            epoch, batch_in_epoch = epoch + 1, 0
-    progress.close()
-
-    if last_val != step:
-        validate()
-    elapsed = time.perf_counter() - t_start
-    if is_main:
-        run_log.close()
-        save_adapter(model, run_dir / "adapter-last")
-        if best["step"] is None:
-            save_adapter(model, run_dir / "adapter-best")
-        skipped = getattr(train_data, "stats", None)
-        write_json(run_dir / "summary.json", {
-            "steps": step, "epochs_completed": epoch, "loss": last_loss, "loss_kind": loss_kind,
-            "samples_per_s": samples / max(elapsed, 1e-9), "train_seconds": elapsed, "world_size": world,
-            "trainable_parameters": summary_params.trainable, "total_parameters": summary_params.total,
-            "trainable_share": summary_params.share, "best": best,
-            "skipped": dict(skipped.counts) if skipped is not None else {},
-        })
-    dist_utils.barrier()
-    return run_dir
-
-
-def run_config(run_dir: str | Path) -> dict[str, Any]:
-    return yaml.safe_load((Path(run_dir) / RUN_CONFIG).read_text())
+    s = _setup(cfg, train_data, val_data, model, tokenizer)
+    saved, same_world = _read_checkpoint(s)
+    if s.is_main:
+        s.run.write_config(cfg)  # after the checkpoint may have changed accum_steps: the config that runs
+    _build_optimizer(s)
+    st = _restore(s, saved, same_world) if saved is not None else TrainState()
+    if st.step == 0 and cfg.train.val_every:
+        _validate(s, st)  # the starting point's score: the bar every later step must beat
+    s.progress = dist_utils.progress(s.total_steps, initial=st.step, enabled=s.is_main)
+    train_mode(s.model)
+    st.t_start = time.perf_counter()
+    done = st.step >= s.total_steps
+    while not done:
+        done = _train_epoch(s, st)
+    s.progress.close()
+    if st.last_val != st.step:
+        _validate(s, st)
+    _finish(s, st)
+    return s.run.path
