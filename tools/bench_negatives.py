@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_data import _cpu_seconds, load_tokenizer, make_images, write_shards  # noqa: E402
+from bench_data import _cpu_seconds, load_tokenizer, make_images, write_shards
 
 
 def synthetic_mined(path: Path, keys: list[str], k: int = 8, seed: int = 0) -> Path:
