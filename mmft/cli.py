@@ -9,6 +9,7 @@
     mmft shards ...            (see mmft shards --help)
     mmft demo-data data/demo   (the offline demo datasets as shards)
     mmft demo                  (the offline end-to-end demo)
+    mmft serve  --config configs/serve.yaml   (search service + page; see docs/serving.md)
 """
 from __future__ import annotations
 
@@ -146,6 +147,19 @@ def cmd_index_thumbnails(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    if args.feedback_pairs:
+        from mmft.serve.server import export_feedback
+
+        stats = export_feedback(args.config, args.overrides, args.feedback_pairs)
+        print(f"{stats['pairs']} pairs on {stats['images']} images in {stats['table']} "
+              f"(skipped: {stats['skipped']}); next: mmft shards {stats['table']} OUT_DIR --group-col group")
+        return 0
+    from mmft.serve.server import serve
+
+    return serve(args.config, args.overrides)
+
+
 def cmd_demo(args) -> int:
     from mmft.demo.runner import run_demo
 
@@ -256,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quick", action="store_true", help="tiny splits and few steps (a smoke test)")
     sp.add_argument("overrides", nargs="*", help="dotted overrides applied to every training stage")
     sp.set_defaults(fn=cmd_demo)
+
+    sp = sub.add_parser("serve", help="search service over built indexes: REST API, page, metrics")
+    with_config(sp, required=True)
+    sp.add_argument("--feedback-pairs", metavar="OUT_DIR",
+                    help="instead of serving: turn the feedback file into a `mmft shards` table in OUT_DIR")
+    sp.set_defaults(fn=cmd_serve)
     return p
 
 

@@ -88,8 +88,8 @@ def build_deployment(root: Path) -> Deployment:
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     save_adapter(other, root / "other-adapter")
-    build_index_from_model(other, shards, indexes["other"], tokenizer=tok, preprocess=preprocess, index_cfg=cfg,
-                           data_cfg=data_cfg, progress=False)
+    build_index_from_model(other, shards, indexes["other"], tokenizer=tok, preprocess=preprocess,
+                           index_cfg=cfg, data_cfg=data_cfg, progress=False)
     thumbs = open_thumbnails(indexes["tuned"])
     captions = {k: thumbs.captions(k) for k in thumbs.items}
     return Deployment(root, run, root / "other-adapter", shards, indexes, captions)
@@ -127,3 +127,14 @@ def running_server(app, timeout_s: float = 60.0):
     finally:
         server.should_exit = True
         thread.join(timeout=timeout_s)
+
+
+@contextlib.asynccontextmanager
+async def asgi_client(app):
+    """An httpx client calling `app` in-process (no socket), with the app's start-up and shut-down run."""
+    import httpx
+
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://serve.test", timeout=60) as client:
+            yield client

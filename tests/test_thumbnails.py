@@ -1,4 +1,4 @@
-"""Thumbnail store beside an index: written at build time or added later, read memory-mapped, refused when damaged."""
+"""Thumbnail store beside an index: written at build or added later, memory-mapped, refused if damaged."""
 from __future__ import annotations
 
 import io
@@ -10,7 +10,13 @@ from PIL import Image
 from serve_setup import write_shards
 
 from mmft.config import DataConfig, IndexConfig
-from mmft.index.thumbnails import THUMBS_BIN, ThumbnailError, add_thumbnails, open_thumbnails, write_thumbnails
+from mmft.index.thumbnails import (
+    THUMBS_BIN,
+    ThumbnailError,
+    add_thumbnails,
+    open_thumbnails,
+    write_thumbnails,
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +48,7 @@ def test_damaged_store_is_refused_in_a_sentence(shards, tmp_path):
     write_thumbnails(shards, tmp_path)
     with open(tmp_path / THUMBS_BIN, "ab") as f:
         f.write(b"x")
-    with pytest.raises(ThumbnailError, match="damaged or half-replaced; rewrite it with `mmft index thumbnails"):
+    with pytest.raises(ThumbnailError, match="damaged or half-replaced; rewrite it with `mmft index thumb"):
         open_thumbnails(tmp_path)
 
 

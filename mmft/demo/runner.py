@@ -5,7 +5,8 @@
 3. head-only tuning on DOMAIN train with GENERAL replay (mmft/demo/configs/domain_head.yaml): the row users compare
    adapters with;
 4. LoRA on both towers on DOMAIN train + GENERAL replay, from the head-only heads (mmft/demo/configs/domain_lora.yaml);
-5. a FAISS index of the DOMAIN test gallery with the tuned model;
+5. FAISS indexes of the DOMAIN test gallery with the tuned model and with the frozen base (thumbnails
+   beside them), what `mmft serve --config configs/serve.yaml` shows side by side;
 6. baseline vs head-only vs tuned on DOMAIN test and GENERAL test, the LoRA-scale sweep and the tuned model
    at the recommended scale, report + plots.
 Every stage writes a directory the next one reads, so a re-run skips what is already complete.
@@ -75,11 +76,11 @@ def run_demo(out_dir: str = RUNS_PREFIX, data_dir: str = DATA_PREFIX, configs_di
              quick: bool = False, overrides: list[str] | None = None, svg_root: str | None = None,
              limit: int | None = None) -> dict:
     """Run the whole demo; returns the evaluation report (also written to out_dir/report)."""
-    from mmft.model.adapter import export, load_model
     from mmft.demo.datasets import build_demo_data
     from mmft.evaluation.core import EvalRow, evaluate
     from mmft.evaluation.report import summary_table
     from mmft.index.core import build_index_from_run
+    from mmft.model.adapter import export, load_model
 
     t0 = time.perf_counter()
     configs = Path(configs_dir) if configs_dir else default_configs_dir()
@@ -108,6 +109,9 @@ def run_demo(out_dir: str = RUNS_PREFIX, data_dir: str = DATA_PREFIX, configs_di
     index_dir = Path(out_dir) / "index"
     build_index_from_run(tuned_run, lora_cfg.eval.domain, index_dir, lora_cfg.index, data_cfg=lora_cfg.data)
     print(f"index: {index_dir}")
+    # the same gallery embedded by the frozen base: what `mmft serve` shows beside the tuned answers
+    build_index_from_run(tuned_run, lora_cfg.eval.domain, Path(out_dir) / "index-baseline",
+                         dataclasses.replace(lora_cfg.index, lora_scale=0.0), data_cfg=lora_cfg.data)
 
     _say("6/6 evaluation: baseline vs head-only vs tuned, DOMAIN and GENERAL test, LoRA-scale sweep")
     tuned = load_model(tuned_run)
@@ -125,4 +129,22 @@ def run_demo(out_dir: str = RUNS_PREFIX, data_dir: str = DATA_PREFIX, configs_di
     minutes = (time.perf_counter() - t0) / 60
     print("\n" + summary_table(report))
     print(f"\nreport: {report_dir / 'report.md'} (plots beside it); demo took {minutes:.1f} min")
+    print(f"\nsearch the baseline and the tuned model side by side at http://127.0.0.1:8000/ with:\n"
+          f"  {serve_command(out_dir)}")
     return report
+
+
+def serve_command(out_dir: str) -> str:
+    """The command serving this demo's baseline and tuned model (configs/serve.yaml names runs/demo)."""
+    import os
+    import shlex
+    import sys
+
+    exe = Path(sys.executable).parent / "mmft"
+    rel = os.path.relpath(exe) if exe.is_file() else "mmft"
+    cmd = f"{'mmft' if rel.startswith('..') else rel} serve --config configs/serve.yaml"
+    if Path(out_dir) != Path(RUNS_PREFIX):
+        paths = {"base.run": "domain-lora", "tenants.tuned.run": "domain-lora", "tenants.tuned.index": "index",
+                 "baseline.index": "index-baseline", "feedback.path": "feedback.jsonl"}
+        cmd += "".join(" " + shlex.quote(f"{k}={Path(out_dir) / v}") for k, v in paths.items())
+    return cmd

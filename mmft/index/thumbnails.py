@@ -119,13 +119,13 @@ class ThumbnailStore:
             raise ThumbnailError(f"{meta_path} is missing or corrupt ({e}); rewrite it with "
                                  f"`mmft index thumbnails {self.path}`") from None
         if meta.get("format", 0) > THUMBS_FORMAT:
-            raise ThumbnailError(f"thumbnail store in {self.path} has format {meta.get('format')}, newer than "
-                                 f"this mmft reads ({THUMBS_FORMAT}): upgrade mmft or rewrite it")
+            raise ThumbnailError(f"thumbnail store in {self.path} has format {meta.get('format')}, newer "
+                                 f"than this mmft reads ({THUMBS_FORMAT}): upgrade mmft or rewrite it")
         bin_path = self.path / THUMBS_BIN
         actual = bin_path.stat().st_size if bin_path.is_file() else -1
         if actual != meta["bytes"]:
-            raise ThumbnailError(f"{bin_path} has {actual} bytes but {THUMBS_JSON} records {meta['bytes']}: the "
-                                 f"store is damaged or half-replaced; rewrite it with "
+            raise ThumbnailError(f"{bin_path} has {actual} bytes but {THUMBS_JSON} records {meta['bytes']}: "
+                                 "the store is damaged or half-replaced; rewrite it with "
                                  f"`mmft index thumbnails {self.path}`")
         self.size, self.items = int(meta["size"]), meta["items"]
         self._map = None
