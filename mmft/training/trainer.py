@@ -27,11 +27,11 @@ from mmft.model.lora import (
     TrainableSummary,
     apply_lora,
     has_adapter,
-    lora_state,
     train_mode,
     trainable_summary,
 )
 from mmft.rundir import RunDir
+from mmft.training.optim import autocast_for, lr_lambda, optimizer_step, param_groups
 from mmft.training.state import (
     Checkpointer,
     RunLog,
@@ -46,45 +46,6 @@ from mmft.training.validate import retrieval_recall
 log = logging.getLogger("mmft.training.trainer")
 
 
-def param_groups(model: torch.nn.Module, cfg) -> list[dict]:
-    """AdamW groups: no weight decay on norms, biases and the temperature; head_lr for fully trained ones."""
-    state = lora_state(model)
-    full = set(state.full) if state is not None else set()
-    groups: dict[tuple[bool, bool], list] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        no_decay = p.ndim < 2 or "logit_scale" in name or "logit_bias" in name or "norm" in name.lower()
-        is_head = name in full
-        groups.setdefault((no_decay, is_head), []).append(p)
-    out = []
-    for (no_decay, is_head), params in sorted(groups.items()):
-        lr = cfg.head_lr if (is_head and cfg.head_lr > 0) else cfg.lr
-        out.append({"params": params, "lr": lr, "weight_decay": 0.0 if no_decay else cfg.weight_decay})
-    return out
-
-
-def lr_lambda(total_steps: int, warmup: int, min_ratio: float):
-    """Linear warmup then cosine decay to min_ratio of the peak."""
-    def fn(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(warmup, 1)
-        progress = (step - warmup) / max(total_steps - warmup, 1)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return fn
-
-
-def autocast_for(device: torch.device, precision: str):
-    if precision == "fp32":
-        return torch.autocast(device.type, enabled=False)
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("train.precision=fp16 needs CUDA; use bf16 or fp32 on CPU")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if dtype is None:
-        raise ValueError(f"train.precision must be fp32, bf16 or fp16, not '{precision}'")
-    return torch.autocast(device.type, dtype=dtype)
-
-
 def pick_loss(model: torch.nn.Module, cfg):
     from mmft.loss.contrastive import contrastive_loss, sigmoid_loss
 
@@ -95,19 +56,6 @@ def pick_loss(model: torch.nn.Module, cfg):
         raise ValueError(f"train.loss must be auto, infonce or sigmoid, not '{kind}'")
     fn = sigmoid_loss if kind == "sigmoid" else contrastive_loss
     return kind, lambda out, groups: fn(**out, group_ids=groups, impl=cfg.loss_impl)
-
-
-def optimizer_step(model, optimizer, scheduler, scaler, grad_clip: float) -> None:
-    """Unscale, clip, step, schedule; then clamp the temperature as CLIP does (logits stay <= 100)."""
-    scaler.unscale_(optimizer)
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
-    with torch.no_grad():
-        model.logit_scale.clamp_(0, math.log(100))
 
 
 def _epoch_batches(data, epoch: int, skip: int) -> Iterable:
