@@ -32,6 +32,7 @@ _EXPORTS = {
     "build_index": "index.core",
     "load_index": "index.core",
     "evaluate": "evaluation.core",
+    "load_bundle": "bundle.runtime",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]  # noqa: PLE0605 (the names above, lazily imported)
