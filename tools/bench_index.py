@@ -3,6 +3,7 @@
 
     python tools/bench_index.py                          # 100k and 1M, random + clustered, D=256
     python tools/bench_index.py --sizes 100000 --data clustered --indexes flat ivf default
+    python tools/bench_index.py --sizes 1000000 --data clustered --sigma 1 --indexes default --gpu --json ix.jsonl
 
 Data: "random" = uniform on the sphere (no structure: the worst case for any ANN index);
 "clustered" = a Gaussian mixture (--centres centres on the sphere, noise of norm --sigma), normalised,
@@ -13,6 +14,7 @@ divided by the FAISS thread count (= wall time on an idle machine); speedups use
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -91,9 +93,9 @@ def bench_one(kind: str, sigma: float, n: int, args, threads: int) -> list[dict]
     flat, build_w, _ = timed(lambda: new_faiss_index(x, "Flat"), threads)
     flat.search(q[:10], 10)  # warm up
     (_, exact), w, c = timed(lambda: flat.search(q, 10), threads, args.repeat)
-    results.append({"data": label, "n": n, "index": "Flat (exact)", "device": "cpu", "build": build_w,
-                    "qps_wall": len(q) / w, "qps_cpu": len(q) / c, "recall": 1.0})
     flat_qps = len(q) / c
+    results.append({"data": label, "n": n, "index": "Flat (exact)", "device": "cpu", "build": build_w,
+                    "qps_wall": len(q) / w, "qps_cpu": len(q) / c, "recall": 1.0, "flat_qps_cpu": flat_qps})
     print(_row(results[-1], flat_qps), flush=True)
     wanted = args.indexes
     built: dict[str, object] = {}
@@ -112,10 +114,13 @@ def bench_one(kind: str, sigma: float, n: int, args, threads: int) -> list[dict]
         index.search(q[:10], 10)
         (_, found), w, c = timed(lambda ix=index: ix.search(q, 10), threads, args.repeat)
         results.append({"data": label, "n": n, "index": name, "device": "cpu", "build": build_time,
-                        "qps_wall": len(q) / w, "qps_cpu": len(q) / c, "recall": recall_at_10(found, exact)})
+                        "qps_wall": len(q) / w, "qps_cpu": len(q) / c, "recall": recall_at_10(found, exact),
+                        "flat_qps_cpu": flat_qps})
         print(_row(results[-1], flat_qps), flush=True)
     if args.gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
         results += bench_gpu(label, n, x, q, exact, flat_qps, args)
+    elif args.gpu:
+        print(f"# no GPU rows: this FAISS ({faiss.__version__}) has no GPU support or sees no GPU", flush=True)
     return results
 
 
@@ -133,7 +138,8 @@ def bench_gpu(kind, n, x, q, exact, flat_qps, args) -> list[dict]:
         _, found = index.search(q, 10)
         w = time.perf_counter() - t
         rows.append({"data": kind, "n": n, "index": label, "device": "gpu", "build": build,
-                     "qps_wall": len(q) / w, "qps_cpu": len(q) / w, "recall": recall_at_10(found, exact)})
+                     "qps_wall": len(q) / w, "qps_cpu": len(q) / w, "recall": recall_at_10(found, exact),
+                     "flat_qps_cpu": flat_qps})
         print(_row(rows[-1], flat_qps), flush=True)
     return rows
 
@@ -165,6 +171,7 @@ def main(argv=None) -> int:
     p.add_argument("--gpu", action="store_true", help="add GPU rows when FAISS sees a GPU")
     p.add_argument("--repeat", type=int, default=3, help="time each search this many times, keep the best")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write every row as JSON lines to this file")
     args = p.parse_args(argv)
     import faiss
 
@@ -172,10 +179,13 @@ def main(argv=None) -> int:
     print(f"# FAISS {faiss.__version__}, {threads} threads, D={args.dim}, {args.queries} queries, "
           f"clustered: {args.centres} centres, noise norm σ = {args.sigma}\n")
     print(HEADER, flush=True)
+    rows = []
     for kind in args.data:
         for sigma in args.sigma if kind == "clustered" else [0.0]:
             for n in args.sizes:
-                bench_one(kind, sigma, n, args, threads)
+                rows += bench_one(kind, sigma, n, args, threads)
+                if args.json:  # after each data set, so a run cut short keeps what it measured
+                    Path(args.json).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return 0
 
 

@@ -9,6 +9,18 @@ torch.cuda.max_memory_allocated minus the baseline). Prints a Markdown table.
   python tools/bench_loss.py                      # CPU B in 4096..32768 (D=512 fp32) and CUDA if present
   python tools/bench_loss.py --quick              # one small size per device
   python tools/bench_loss.py --device cpu --batch-sizes 4096,16384 --skip-peers-above 16384
+  python tools/bench_loss.py --device cpu --batch-sizes 4096 --negatives 4 --impls open_clip,reference,chunked
+  python tools/bench_loss.py --device cuda --dtypes bfloat16,float16 --one-process --json loss.jsonl
+
+--one-process runs configurations one after another in one child process per device (on CUDA one per
+implementation); CUDA peaks are reset before each run and stay exact, but on the CPU memory kept from an
+earlier run hides part of a later peak (use one process per configuration for CPU memory figures);
+Triton compiles and autotunes once per process;
+--budget stops starting configurations after that many seconds (tools/gpu_check.sh fits its 8 minutes).
+--negatives K adds rows with K extra negative images and texts per sample (mined hard negatives:
+M = B*K on each side, gradients into the extras too). open_clip takes no extra negatives: those rows
+run mmft's paths only (the reference holds B x (B + M) logits) and their ratio is against open_clip
+without negatives at the same B.
 """
 from __future__ import annotations
 
@@ -43,7 +55,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _loss_fn(kind: str, impl: str):
+def _loss_fn(kind: str, impl: str, extras=()):
     import torch  # noqa: F401
 
     if impl == "open_clip":
@@ -55,7 +67,8 @@ def _loss_fn(kind: str, impl: str):
     from mmft.loss.contrastive import contrastive_loss, sigmoid_loss
 
     fn = contrastive_loss if kind == "infonce" else sigmoid_loss
-    return lambda x, y, s, b: fn(x, y, s, b, impl=impl)
+    kw = dict(zip(("extra_image_features", "extra_text_features"), extras))
+    return lambda x, y, s, b: fn(x, y, s, b, impl=impl, **kw)
 
 
 def child(cfg: dict) -> dict:
@@ -69,11 +82,17 @@ def child(cfg: dict) -> dict:
     x, y = x.to(dtype).requires_grad_(), y.to(dtype).requires_grad_()
     s = torch.tensor(14.3, device=dev, requires_grad=True)
     b = torch.tensor(-10.0, device=dev, requires_grad=True)
-    fn = _loss_fn(cfg["kind"], cfg["impl"])
+    m = cfg["B"] * cfg.get("K", 0)  # extra negatives near random batch items, as mined ones are
+    extras = [torch.nn.functional.normalize(t.detach()[torch.randint(0, cfg["B"], (m,), device=dev)].float()
+                                            + 0.5 * torch.randn(m, cfg["D"], device=dev), dim=-1)
+              .to(dtype).requires_grad_() for t in (x, y)] if m else []
+    fn = _loss_fn(cfg["kind"], cfg["impl"], extras)
     cuda = dev == "cuda"
 
     def once():
         x.grad = y.grad = s.grad = b.grad = None
+        for t in extras:
+            t.grad = None
         if cuda:
             torch.cuda.synchronize()
         t0, c0 = time.perf_counter(), time.process_time()
@@ -102,6 +121,38 @@ def child(cfg: dict) -> dict:
     return {"time_s": wall, "cpu_s": cpu, "peak_mb": peak / 2**20, "threads": torch.get_num_threads()}
 
 
+def child_many(cfgs: list[dict]) -> None:
+    """Run configurations one after another in this process, printing one JSON line each as it ends."""
+    import torch
+
+    for cfg in cfgs:
+        try:
+            res = child(cfg)
+        except torch.OutOfMemoryError:
+            res = {"error": "OOM"}
+        except RuntimeError as e:  # a kernel or CUDA failure: recorded, and the next one is tried
+            res = {"error": (str(e).strip().splitlines() or ["RuntimeError"])[0][:60]}
+        if cfg["device"] == "cuda":
+            torch.cuda.empty_cache()
+        print(json.dumps({"cfg": cfg, "res": res}), flush=True)
+
+
+def run_group(cfgs: list[dict], timeout: float) -> list[dict]:
+    """Results of `cfgs` run by one child process; those it did not reach in `timeout` say so."""
+    cmd = [sys.executable, __file__, "--children", json.dumps(cfgs)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        out, err = proc.communicate(timeout=max(timeout, 1))
+        why = f"child exited {proc.returncode}: {(err.strip().splitlines() or [''])[-1][:50]}"
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        why = "not run: time budget"
+    done = [json.loads(line) for line in out.splitlines() if line.startswith('{"cfg"')]
+    results = [d["res"] for d in done]
+    return results + [{"error": why}] * (len(cfgs) - len(results))
+
+
 def _available_gb() -> float:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):
@@ -112,7 +163,8 @@ def _available_gb() -> float:
 def run_config(cfg: dict, timeout: float) -> dict:
     per_logit = BYTES_PER_LOGIT.get((cfg["kind"], cfg["impl"])) if cfg["device"] == "cpu" else None
     if per_logit:
-        need, free = per_logit * cfg["B"] ** 2 / 2**30, _available_gb()
+        logits = cfg["B"] ** 2 * (1 + 2 * cfg.get("K", 0))  # the batch block and two blocks of extras
+        need, free = per_logit * logits / 2**30, _available_gb()
         if need > 0.85 * free:
             return {"error": f"skipped: needs ~{need:.0f} GB, {free:.0f} GB free"}
     cmd = [sys.executable, __file__, "--child", json.dumps(cfg)]
@@ -138,29 +190,33 @@ def configs(args) -> list[dict]:
         sizes = args.batch_sizes or (default[:1] if args.quick else default)
         dims = args.dims or ((512,) if dev == "cpu" or args.quick else (512, 768))
         impls = ["open_clip", "reference", "chunked"] + (["triton"] if dev == "cuda" else [])
-        impls = [i for i in impls if not args.impls or i in args.impls]
+        impls = [i for i in (args.impls or impls) if i in impls]  # in the order asked for
+        dtypes = args.dtypes or ["float32" if dev == "cpu" else "bfloat16"]
         for kind in args.losses:
             for d in dims:
                 for n in sizes:
                     for impl in impls:
                         if impl in ("open_clip", "reference") and args.skip_peers_above and n > args.skip_peers_above:
                             continue
-                        out.append({"device": dev, "dtype": "float32" if dev == "cpu" else "bfloat16",
-                                    "kind": kind, "impl": impl, "B": n, "D": d, "repeat": args.repeat})
+                        out += [{"device": dev, "dtype": dt, "kind": kind, "impl": impl, "B": n, "D": d,
+                                 "repeat": args.repeat} for dt in dtypes]
+                        if impl != "open_clip":  # open_clip takes no extra negatives
+                            out += [{**c, "K": k} for k in args.negatives for c in out[-len(dtypes):]]
     return out
 
 
 def table(rows: list[tuple[dict, dict]]) -> str:
-    peers = {(c["device"], c["kind"], c["B"], c["D"]): r for c, r in rows if c["impl"] == "open_clip"}
+    peers = {(c["device"], c["dtype"], c["kind"], c["B"], c["D"]): r for c, r in rows if c["impl"] == "open_clip"}
     header = "| loss | device | dtype | B | D | impl | fwd+bwd (s) | CPU time (s) | extra peak (MB) | time vs peer |"
     lines = [header, "|---|---|---|---:|---:|---|---:|---:|---:|---:|"]
     for c, r in rows:
         name = PEER[c["kind"]] if c["impl"] == "open_clip" else c["impl"]
+        name += f" + K={c['K']} negatives per sample" if c.get("K") else ""
         if "error" in r:
             lines.append(f"| {c['kind']} | {c['device']} | {c['dtype']} | {c['B']} | {c['D']} | {name} | "
                          f"{r['error']} | | | |")
             continue
-        peer = peers.get((c["device"], c["kind"], c["B"], c["D"]), {})
+        peer = peers.get((c["device"], c["dtype"], c["kind"], c["B"], c["D"]), {})
         ratio = f"{r['time_s'] / peer['time_s']:.2f}x" if "time_s" in peer else ""
         lines.append(f"| {c['kind']} | {c['device']} | {c['dtype']} | {c['B']} | {c['D']} | {name} | "
                      f"{r['time_s']:.2f} | {r['cpu_s']:.1f} | {r['peak_mb']:.0f} | {ratio} |")
@@ -181,16 +237,48 @@ def main(argv=None) -> None:
                    help="skip open_clip and the reference above this batch size (they hold B x B)")
     p.add_argument("--repeat", type=int, default=1, help="timed runs per configuration (min is kept)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
+    p.add_argument("--negatives", type=lambda s: [int(v) for v in s.split(",")], default=[],
+                   help="also rows with K extra negatives per sample, e.g. 4 (mmft paths only)")
+    p.add_argument("--dtypes", type=lambda s: s.split(","),
+                   help="e.g. bfloat16,float16 (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--one-process", action="store_true", help="one child process per implementation")
+    p.add_argument("--budget", type=float, default=0, help="seconds for the whole run (0 = no limit)")
+    p.add_argument("--json", help="also write every (configuration, result) as JSON lines to this file")
+    p.add_argument("--children", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
-    rows = []
-    for cfg in configs(args):
-        res = run_config(cfg, args.timeout)
-        rows.append((cfg, res))
-        print(json.dumps({**cfg, **res}), file=sys.stderr, flush=True)
+    if args.children:
+        child_many(json.loads(args.children))
+        return
+    rows = run_all(configs(args), args)
+    if args.json:
+        Path(args.json).write_text("".join(json.dumps({"cfg": c, "res": r}) + "\n" for c, r in rows))
     print(table(rows))
+
+
+def run_all(cfgs: list[dict], args) -> list[tuple[dict, dict]]:
+    """(configuration, result) pairs, one process per configuration or per implementation."""
+    deadline = time.monotonic() + (args.budget or float("inf"))
+    if not args.one_process:
+        rows = []
+        for cfg in cfgs:
+            left = deadline - time.monotonic()
+            res = run_config(cfg, min(args.timeout, left)) if left > 0 else {"error": "not run: time budget"}
+            rows.append((cfg, res))
+            print(json.dumps({**cfg, **res}), file=sys.stderr, flush=True)
+        return rows
+    groups: dict[tuple, list[dict]] = {}
+    for cfg in cfgs:  # CUDA: a process per implementation, so a kernel failure cannot spoil the others
+        groups.setdefault((cfg["device"], cfg["impl"] if cfg["device"] == "cuda" else ""), []).append(cfg)
+    results: dict[int, dict] = {}
+    for n, group in enumerate(groups.values()):  # the budget left is shared by the groups still to run
+        left = (deadline - time.monotonic()) / (len(groups) - n)
+        for cfg, res in zip(group, run_group(group, min(left, args.timeout * len(group)))):
+            results[id(cfg)] = res
+            print(json.dumps({**cfg, **res}), file=sys.stderr, flush=True)
+    return [(cfg, results[id(cfg)]) for cfg in cfgs]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# One prepared GPU check for mmft, within 8 minutes on a CUDA machine:
+#   1. install GPU FAISS (faiss-cuda for CUDA >= 13, else faiss-gpu-cu12) and any missing Python
+#      dependency, from a folder of wheels when there is no network (default .whl/),
+#   2. run the gpu-marked tests (Triton loss kernels, GPU FAISS, pinned batches),
+#   3. tools/bench_loss.py: bf16 and fp16, B 16k..262k, D 512 and 768, time and peak memory against
+#      open_clip's ClipLoss / SigLipLoss (they OOM where B x B logits do not fit: reported as OOM),
+#   4. tools/bench_index.py: FAISS GPU index build and search beside the CPU figures,
+#   5. tools/gpu_report.py: OUT/gpu_check.json and OUT/gpu_check.md (and --docs docs/gpu_check.md).
+# Every step has its own time limit; a step that fails or times out is reported and the next one runs.
+#
+#   tools/gpu_check.sh [--out DIR] [--wheels DIR] [--docs] [--dry-run]
+#
+# --dry-run: the CPU-sized version (tiny B, CPU FAISS, no installs); tests/test_gpu_check.py runs it.
+# To carry wheels to an offline GPU machine (Python 3.12, x86_64), on a machine with a network:
+#   pip download --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#       -d .whl faiss-cuda open_clip_torch timm webdataset braceexpand pytest
+set -u
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PYTHON:-python3}"
+OUT="$ROOT/runs/gpu_check"
+WHEELS="$ROOT/.whl"
+DRY=0
+DOCS=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) OUT="$2"; shift 2 ;;
+    --wheels) WHEELS="$2"; shift 2 ;;
+    --docs) DOCS="$ROOT/docs/gpu_check.md"; shift ;;
+    --dry-run) DRY=1; shift ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+: > "$OUT/steps.tsv"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+cd "$ROOT" || exit 1
+
+DEADLINE=$((SECONDS + 465))  # every step together within 8 minutes, start-up and report included
+
+# step NAME SECONDS CMD...: run CMD within its limit and the time left, log its output, record
+# its exit status (124: out of time) and seconds in steps.tsv.
+step() {
+  local name="$1" limit="$2"; shift 2
+  local start rc left=$((DEADLINE - SECONDS))
+  [ "$left" -lt "$limit" ] && limit=$left
+  start=$(date +%s.%N)
+  if [ "$limit" -lt 5 ]; then
+    echo "not run: the 8-minute budget is spent" > "$OUT/$name.log"
+    rc=124
+  else
+    echo "== $name (limit ${limit}s)" >&2
+    timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    rc=$?
+  fi
+  awk -v n="$name" -v rc="$rc" -v a="$start" -v b="$(date +%s.%N)" \
+    'BEGIN { printf "%s\t%s\t%.1f\n", n, rc, b - a }' >> "$OUT/steps.tsv"
+  tail -n 3 "$OUT/$name.log" >&2
+  return $rc
+}
+
+# pip_install PKG...: from the wheel folder when it exists (no network needed), else from the index;
+# the installed torch is pinned so that nothing can replace it (a new torch is gigabytes).
+pip_install() {
+  local pin="$OUT/pin.txt"
+  "$PY" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$pin"
+  if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl > /dev/null 2>&1; then
+    "$PY" -m pip install -q -c "$pin" --no-index --find-links "$WHEELS" "$@" && return 0
+  fi
+  "$PY" -m pip install -q -c "$pin" "$@"
+}
+
+install_deps() {
+  local missing=""
+  for pair in open_clip:open_clip_torch timm:timm webdataset:webdataset braceexpand:braceexpand \
+              yaml:pyyaml safetensors:safetensors PIL:pillow pytest:pytest torchvision:torchvision \
+              transformers:transformers tqdm:tqdm matplotlib:matplotlib; do
+    "$PY" -c "import ${pair%%:*}" 2>/dev/null || missing="$missing ${pair#*:}"
+  done
+  [ -z "$missing" ] || pip_install $missing || echo "could not install:$missing" >&2
+  local has_gpu="import faiss, sys; sys.exit(0 if faiss.get_num_gpus() > 0 else 1)"
+  "$PY" -c "$has_gpu" 2>/dev/null && return 0
+  local cuda
+  cuda=$("$PY" -c "import torch; print((torch.version.cuda or '0').split('.')[0])")
+  local order="faiss-gpu-cu12 faiss-cuda"
+  [ "$cuda" -ge 13 ] && order="faiss-cuda faiss-gpu-cu12"
+  for pkg in $order; do
+    "$PY" -m pip uninstall -q -y faiss-cpu > /dev/null 2>&1
+    if pip_install "$pkg" && "$PY" -c "$has_gpu"; then
+      echo "installed $pkg" >&2
+      return 0
+    fi
+  done
+  echo "no GPU FAISS could be installed (tried $order from ${WHEELS} and the index)" >&2
+  return 1
+}
+
+write_env() {
+  "$PY" - "$OUT/env.json" "$DRY" <<'EOF'
+import json, sys
+env = {"dry_run": sys.argv[2] == "1"}
+try:
+    import torch
+    env.update(torch=torch.__version__, cuda=torch.version.cuda,
+               gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
+except ImportError:
+    env["torch"] = None
+for mod in ("triton", "faiss"):
+    try:
+        env[mod] = __import__(mod).__version__
+    except ImportError:
+        env[mod] = None
+try:
+    import faiss
+    env["faiss_gpus"] = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+except ImportError:
+    env["faiss_gpus"] = None
+json.dump(env, open(sys.argv[1], "w"), indent=1)
+EOF
+}
+
+GPU_TESTS=$(grep -l "pytest.mark.gpu" tests/*.py | tr '\n' ' ')
+if [ "$DRY" = 1 ]; then
+  write_env
+  step gpu_tests 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu $GPU_TESTS
+  cp "$OUT/gpu_tests.log" "$OUT/pytest.txt"
+  step loss_bench 150 "$PY" tools/bench_loss.py --device cpu --dtypes float32 --batch-sizes 256 --dims 32 \
+    --one-process --repeat 1 --budget 120 --json "$OUT/loss.jsonl"
+  step index_bench 60 "$PY" tools/bench_index.py --sizes 2000 --dim 32 --queries 200 --data clustered \
+    --sigma 1 --centres 20 --indexes default --repeat 1 --train-sample 2000 --json "$OUT/index.jsonl"
+else
+  if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_check.sh: torch sees no CUDA device; use --dry-run for the CPU-sized check" >&2
+    exit 1
+  fi
+  export PY WHEELS OUT
+  export -f pip_install install_deps
+  step install 60 bash -c install_deps
+  write_env
+  step gpu_tests 100 "$PY" -m pytest -q -p no:cacheprovider -m gpu $GPU_TESTS
+  cp "$OUT/gpu_tests.log" "$OUT/pytest.txt"
+  step loss_bench 190 "$PY" tools/bench_loss.py --device cuda --dtypes bfloat16,float16 \
+    --batch-sizes 16384,65536,262144 --dims 512,768 --impls triton,chunked,open_clip,reference \
+    --one-process --repeat 3 --budget 175 --json "$OUT/loss.jsonl"
+  step index_bench 90 "$PY" tools/bench_index.py --sizes 1000000 --dim 256 --queries 2000 --data clustered \
+    --sigma 1 --indexes default --gpu --repeat 2 --json "$OUT/index.jsonl"
+fi
+"$PY" tools/gpu_report.py "$OUT" ${DOCS:+--docs "$DOCS"} > /dev/null
+echo "gpu_check: $OUT/gpu_check.json and $OUT/gpu_check.md" >&2
+awk -F'\t' '$2 != 0 {bad = 1} END {exit bad}' "$OUT/steps.tsv"
