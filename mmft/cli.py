@@ -5,6 +5,7 @@
     mmft index  build --run RUN --shards 'data/test-{00000..00003}.tar' --out runs/index
     mmft index  query runs/index "a red apple" -k 5
     mmft export --run RUN --out exported/model.pt --lora-scale 0.5
+    mmft export --format onnx --run RUN --out bundle/ --quantize int8 --index runs/index
     mmft mine   --run RUN --shards 'data/train-{00000..00003}.tar' --k 8 --out mined.jsonl
     mmft shards ...            (see mmft shards --help)
     mmft demo-data data/demo   (the offline demo datasets as shards)
@@ -104,10 +105,26 @@ def cmd_embed(args) -> int:
 def cmd_export(args) -> int:
     from mmft.model.adapter import export, load_model
 
+    if args.format == "onnx":
+        return _export_bundle(args)
     model = load_model(args.run, adapter=args.adapter).model
     scale = _config(args).index.lora_scale if args.lora_scale is None else args.lora_scale  # as the index
     path = export(model, args.out, lora_scale=scale)
     print(f"exported merged open_clip state dict: {path} (config: {path.with_suffix('.json')})")
+    return 0
+
+
+def _export_bundle(args) -> int:
+    from mmft.bundle.writer import export_bundle
+    from mmft.config import load_config
+
+    scale = args.lora_scale
+    if scale is None and not args.index:  # with --index the bundle takes the index's scale
+        scale = _config(args).index.lora_scale
+    eval_cfg = load_config(args.eval_config).eval if args.eval_config else None
+    out = export_bundle(args.run, args.out, adapter=args.adapter, lora_scale=scale, quantize=args.quantize,
+                        index_dir=args.index, eval_cfg=eval_cfg, calibration_specs=args.calibration)
+    print(f"bundle: {out} (model card: {out / 'README.md'})")
     return 0
 
 
@@ -164,7 +181,7 @@ def cmd_demo(args) -> int:
     from mmft.demo.runner import run_demo
 
     run_demo(out_dir=args.out, data_dir=args.data, configs_dir=args.configs, quick=args.quick,
-             overrides=args.overrides)
+             overrides=args.overrides, bundle=args.bundle)
     return 0
 
 
@@ -238,11 +255,19 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sp)
     sp.set_defaults(fn=cmd_embed)
 
-    sp = sub.add_parser("export", help="merge the adapter into a plain open_clip state dict")
+    sp = sub.add_parser("export", help="merge the adapter into a plain open_clip state dict, or write an ONNX "
+                        "deployment bundle (--format onnx)")
     sp.add_argument("--run", required=True)
-    sp.add_argument("--out", required=True, help="output .pt path")
+    sp.add_argument("--out", required=True, help="output .pt path (torch) or bundle folder (onnx)")
     sp.add_argument("--adapter", default="best", help="best, last, or an adapter directory")
-    sp.add_argument("--lora-scale", type=float, help=SCALE_HELP)
+    sp.add_argument("--lora-scale", type=float, help=SCALE_HELP + "; onnx with --index: the index's scale")
+    sp.add_argument("--format", choices=["torch", "onnx"], default="torch",
+                    help="torch: merged state dict; onnx: bundle of ONNX encoders, tokenizer, card (docs/export.md)")
+    sp.add_argument("--quantize", choices=["int8"], help="onnx: add int8 encoders (and make them the default)")
+    sp.add_argument("--index", help="onnx: copy this index folder (and its thumbnails) into the bundle")
+    sp.add_argument("--eval-config", help="onnx: a config whose eval section names the sets the card measures")
+    sp.add_argument("--calibration", nargs="+", help="onnx --quantize: gallery shards for the image tower's "
+                    "int8 ranges (default: the shards the --index was built from)")
     with_config(sp)
     sp.set_defaults(fn=cmd_export)
 
@@ -268,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", default="data/demo", help="where the demo shards go")
     sp.add_argument("--configs", default=None, help="config folder (default: the project's configs/)")
     sp.add_argument("--quick", action="store_true", help="tiny splits and few steps (a smoke test)")
+    sp.add_argument("--bundle", action="store_true", help="end with ONNX deployment bundles (docs/export.md)")
     sp.add_argument("overrides", nargs="*", help="dotted overrides applied to every training stage")
     sp.set_defaults(fn=cmd_demo)
 

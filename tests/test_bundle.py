@@ -265,3 +265,16 @@ def test_quantize_needs_calibration_images(vit, tmp_path):
         write_bundle(model, tok, preprocess, tmp_path / "q", quantize="int4")
     assert not any(tmp_path.iterdir())
 
+
+
+def test_cli_exports_a_bundle_at_the_index_scale(deployed, tmp_path, capsys):
+    from mmft.cli import main
+
+    index = str(deployed["root"] / "index")
+    out = tmp_path / "cli-bundle"
+    assert main(["export", "--format", "onnx", "--run", str(deployed["run"]), "--out", str(out), "--index", index]) == 0
+    m = mmft.load_bundle(out).manifest
+    assert m["lora_scale"] == 0.5 and m["index"] == "index" and m["quantization"] is None
+    assert main(["export", "--format", "onnx", "--run", str(deployed["run"]), "--out", str(tmp_path / "bad"),
+                 "--index", index, "--lora-scale", "1.0"]) == 2
+    assert "LoRA scale" in capsys.readouterr().err and not (tmp_path / "bad").exists()

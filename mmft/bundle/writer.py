@@ -117,7 +117,8 @@ def write_bundle(model, tokenizer, preprocess, out_dir: str | Path, *, lora_scal
                  normalize: bool = True, opset: int = 17, run_dir=None, progress: bool = True) -> Path:
     """Write a bundle for `model` (+ its tokenizer and preprocess_val) to out_dir; see the module docstring.
 
-    lora_scale: the fine-tuning delta merged in (default 1.0 with an adapter). quantize: None or "int8".
+    lora_scale: the fine-tuning delta merged in (default: the index's scale with index_dir, else 1.0).
+    quantize: None or "int8".
     eval_sets: {"domain": specs, "general": specs} measured into the card (with eval_cfg, data_cfg).
     calibration_specs: shards the image tower's int8 ranges are calibrated on (default: the index gallery).
     """
@@ -131,6 +132,8 @@ def write_bundle(model, tokenizer, preprocess, out_dir: str | Path, *, lora_scal
     if quantize not in (None, "int8"):
         raise ValueError(f"--quantize {quantize!r} is not supported; use int8 or leave it out")
     has_adapter = getattr(model, "mmft_lora", None) is not None
+    if lora_scale is None and index_dir is not None and has_adapter:
+        lora_scale = _index_scale(Path(index_dir))
     if not has_adapter and lora_scale not in (None, 1.0):
         raise ValueError(f"--lora-scale {lora_scale} needs a model with an adapter; this one has none")
     scale = float(lora_scale if lora_scale is not None else 1.0) if has_adapter else None
@@ -196,6 +199,14 @@ def write_bundle(model, tokenizer, preprocess, out_dir: str | Path, *, lora_scal
         raise
     log.info("bundle written: %s", out_dir)
     return out_dir
+
+
+def _index_scale(index_dir: Path) -> float:
+    """The LoRA scale an index was embedded at (0 when it records no adapter: the base)."""
+    from mmft.index.manifest import read_manifest
+
+    m = read_manifest(index_dir)
+    return float(m["lora_scale"]) if m.get("adapter_sha256") and m.get("lora_scale") is not None else 0.0
 
 
 def _adapter_digest(model) -> str | None:

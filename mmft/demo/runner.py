@@ -74,8 +74,12 @@ def _train_once(cfg: Config):
 
 def run_demo(out_dir: str = RUNS_PREFIX, data_dir: str = DATA_PREFIX, configs_dir: str | None = None,
              quick: bool = False, overrides: list[str] | None = None, svg_root: str | None = None,
-             limit: int | None = None) -> dict:
-    """Run the whole demo; returns the evaluation report (also written to out_dir/report)."""
+             limit: int | None = None, bundle: bool = False) -> dict:
+    """Run the whole demo; returns the evaluation report (also written to out_dir/report).
+
+    bundle: end with a deployment bundle of the tuned model (int8 included, the index inside, the card
+    measured on the test sets) in out_dir/bundle, and one of the frozen base in out_dir/bundle-base.
+    """
     from mmft.demo.datasets import build_demo_data
     from mmft.evaluation.core import EvalRow, evaluate
     from mmft.evaluation.report import summary_table
@@ -126,6 +130,14 @@ def run_demo(out_dir: str = RUNS_PREFIX, data_dir: str = DATA_PREFIX, configs_di
                       out_dir=report_dir,
                       info={"runs": {"align": str(align), "head_only": str(head), "tuned": str(tuned_run)},
                             "demo_seconds": None})
+    if bundle:
+        _say("and: deployment bundles (ONNX encoders fp32 + int8, tokenizer, index, model card)")
+        from mmft.bundle.writer import export_bundle
+
+        out = export_bundle(tuned_run, Path(out_dir) / "bundle", quantize="int8", index_dir=index_dir,
+                            eval_cfg=lora_cfg.eval, data_cfg=lora_cfg.data)
+        export_bundle(tuned_run, Path(out_dir) / "bundle-base", index_dir=Path(out_dir) / "index-baseline")
+        print(f"bundle: {out} (model card: {out / 'README.md'}); frozen base: {Path(out_dir) / 'bundle-base'}")
     minutes = (time.perf_counter() - t0) / 60
     print("\n" + summary_table(report))
     print(f"\nreport: {report_dir / 'report.md'} (plots beside it); demo took {minutes:.1f} min")
