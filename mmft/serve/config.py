@@ -197,6 +197,11 @@ def base_model_source(cfg: ServeConfig) -> str | dict:
 
 def _adapter_meta(path: Path, tenant: str) -> dict:
     cfg = path / "adapter_config.json"
+    if not cfg.is_file() and (path / "manifest.json").is_file():  # an exported bundle (base.backend: onnx)
+        from mmft.bundle.manifest import read_manifest
+
+        bundle = read_manifest(path, verify=False)
+        return {"base_model": bundle["base_model"], "digest": bundle.get("adapter_sha256")}
     if not cfg.is_file():
         raise ConfigError(f"tenant '{tenant}': no adapter in '{path}' (adapter_config.json is missing); "
                           "point run at a finished training run or adapter at an adapter folder")
