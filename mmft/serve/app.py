@@ -172,4 +172,7 @@ def create_app(config: ServeConfig | dict | str | Path | None = None, *, overrid
 
 def app_from_env() -> FastAPI:
     """The app of one `mmft serve` worker (uvicorn factory): config from the variables the CLI sets."""
+    if not logging.getLogger().handlers:  # a spawned worker: log (and access-log) like the CLI does
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                            datefmt="%H:%M:%S")
     return create_app(state=state_from_env())

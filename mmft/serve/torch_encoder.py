@@ -69,12 +69,20 @@ class TorchEncoder:
         self.device = torch.device(device)
         self.model, _, self.preprocess, self.tokenizer = create_model(model_cfg, device=self.device)
         self.model.eval()
-        if lora_meta is not None:  # the LoRA layers every slot shares (their own A/B are placeholders)
+        if lora_meta is not None:  # the LoRA layers every slot shares
             apply_lora(self.model, config_from_dict({"lora": lora_meta["lora"]}).lora)
+            self.model.mmft_lora = None  # no scale sweep here: the slots hold every delta
             self.model.eval()
         self.identity = model_identity(self.model)
-        self._base = dict(self.model.named_parameters())  # before any swap: the base's own tensors
         self._layers = [(n, m) for n, m in self.model.named_modules() if isinstance(m, LORA_LAYERS)]
+        self._lora_shapes = {}  # the layers' own A/B were placeholders: keep their shapes, free them
+        for name, layer in self._layers:
+            layer.scale = 0.0  # off until a slot with factors for it is active
+            for leaf in ("lora_A", "lora_B"):
+                if getattr(layer, leaf, None) is not None:
+                    self._lora_shapes[f"{name}.{leaf}"] = tuple(getattr(layer, leaf).shape)
+                    setattr(layer, leaf, nn.Parameter(torch.empty(0, device=self.device), requires_grad=False))
+        self._base = dict(self.model.named_parameters())  # before any swap: the base's own tensors
         self._layer_names = {n for n, _ in self._layers}
         self._image_prefix = tower_bodies(self.model)["image"][0] + "."
         self._owners: dict[str, tuple[nn.Module, str]] = {}
@@ -166,11 +174,11 @@ class TorchEncoder:
                 f"the adapter in '{adapter}' adapts {layer}, where the shared base has no LoRA layer: serve "
                 "adapters trained with the same lora targets together (or this one from a second service)")
         for leaf, t in pair.items():
-            like = self._base[f"{layer}.{leaf}"]
-            other = 1 if leaf == "lora_A" else 0  # A is (r, fan_in), B is (fan_out, r)
-            if t.shape[other] != like.shape[other]:
+            like = self._lora_shapes.get(f"{layer}.{leaf}")
+            other = 1 if leaf == "lora_A" else 0  # A is (r, fan_in), B is (fan_out, r): r may differ
+            if like is None or t.shape[other] != like[other]:
                 raise AdapterMismatchError(f"adapter tensor {layer}.{leaf} in '{adapter}' has shape "
-                                           f"{tuple(t.shape)}, the base layer needs {tuple(like.shape)}")
+                                           f"{tuple(t.shape)}, the base layer needs {like}")
 
     def _full_param(self, pname: str, tuned: torch.Tensor, scale: float, adapter: Path) -> nn.Parameter:
         base = self._base.get(pname)
