@@ -60,7 +60,8 @@ CASES.update({f"{k}-extras-{str(dt)[6:]}-{gr}": make_case(k, dt, gr != "plain", 
                                                          extras=(M, M + 3), extra_groups=gr == "extra-groups")
               for i, (k, dt, gr) in enumerate((k, dt, gr) for k in ("infonce", "sigmoid")
                                               for dt in (torch.float32, torch.float16)
-                                              for gr in ("plain", "groups", "extra-groups"))})
+                                              for gr in ("plain", "groups", "extra-groups")
+                                              if dt == torch.float32 or gr == "extra-groups")})
 CASES.update({f"{k}-extras-extreme-scale": make_case(k, torch.float32, scale=100.0, extreme=True,
                                                      extras=(M, M))
               for k in ("infonce", "sigmoid")})
@@ -112,7 +113,7 @@ def interpreted(tmp_path_factory):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     code = CHILD.format(tests=str(ROOT / "tests"))
     proc = subprocess.run([sys.executable, "-c", code, str(tmp / "cases.pt"), str(tmp / "out.pt")],
-                          env=env, check=False, capture_output=True, text=True, timeout=300)
+                          env=env, check=False, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(tmp / "out.pt")
 

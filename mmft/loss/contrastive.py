@@ -107,7 +107,7 @@ def sigmoid_loss(image_features, text_features, logit_scale, logit_bias=None, *,
 # ---------------------------------------------------------------------------------------------
 # Reference: the plain formulas over rows a (R, D) and columns b (C, D), positive of row i at
 # column i + offset, plus extra rows ax (Mi, D) and extra columns bx (Mt, D) that are only
-# negatives: one (R + Mi) x (C + Mt) matrix whose extra x extra block is left out. `both` adds the
+# negatives: the logit blocks a x b, a x bx and ax x b (extras never meet extras). `both` adds the
 # column (text->image) direction of a square problem; extra rows only join that direction.
 
 def _logits_reference(a, b, scale, bias, offset):
@@ -120,23 +120,35 @@ def _logits_reference(a, b, scale, bias, offset):
     return logits, rows, rows + offset
 
 
-def _cat(main, extra):
-    return main if extra is None else torch.cat([main, extra.to(main.dtype)])
+def _same_group(ga, gb):
+    """Bool (R, C): pairs in one group, or None without group ids on either side."""
+    return None if ga is None or gb is None else ga[:, None] == gb[None, :]
 
 
-def _excluded_reference(ga, gb, rows, cols, shape, extras):
-    """Bool (R + Mi, C + Mt): pairs left out: same group (not the positive) and extra x extra."""
-    R, C = len(rows), shape[1] - (0 if extras.bx is None else extras.bx.shape[0])
-    excluded = torch.zeros(shape, dtype=torch.bool, device=rows.device)  # (R + Mi, C + Mt)
-    excluded[R:, C:] = True
-    if ga is not None:
-        excluded[:R, :C] = ga[:, None] == gb[None, :]
+def _excluded_reference(ga, gb, rows, cols):
+    """Bool (R, C): same group and not the positive pair."""
+    excluded = _same_group(ga, gb)
+    if excluded is not None:
         excluded[rows, cols] = False
-        if extras.gbx is not None:
-            excluded[:R, C:] = ga[:, None] == extras.gbx[None, :]
-        if extras.gax is not None:
-            excluded[R:, :C] = extras.gax[:, None] == gb[None, :]
     return excluded
+
+
+def _reference_blocks(a, b, scale, bias, ga, gb, offset, extras):
+    """[(logits, excluded or None)] of the batch block, then (a, bx) and (ax, b) when given; rows, cols."""
+    dt = torch.promote_types(a.dtype, torch.float32)  # cast once: the blocks' gradients sum in dt
+    scale, bias = [v.to(dt) if torch.is_tensor(v) else v for v in (scale, bias)]
+    logits, rows, cols = _logits_reference(a, b, scale, bias, offset)
+    blocks = [(logits, _excluded_reference(ga, gb, rows, cols)), None, None]
+    if extras.bx is not None:  # (R, Mt)
+        blocks[1] = (_logits_reference(a, extras.bx, scale, bias, 0)[0], _same_group(ga, extras.gbx))
+    if extras.ax is not None:  # (Mi, C)
+        blocks[2] = (_logits_reference(extras.ax, b, scale, bias, 0)[0], _same_group(extras.gax, gb))
+    return blocks, rows, cols
+
+
+def _masked(block, value):
+    logits, excluded = block
+    return logits if excluded is None else logits.masked_fill(excluded, value)
 
 
 def infonce_reference(a, b, scale, bias, ga, gb, offset, both, weight, extras=NO_EXTRAS):
@@ -148,14 +160,14 @@ def infonce_reference(a, b, scale, bias, ga, gb, offset, both, weight, extras=NO
 
 
 def _infonce_reference(a, b, scale, bias, ga, gb, offset, both, weight, extras):
-    R, C = a.shape[0], b.shape[0]
-    logits, rows, cols = _logits_reference(_cat(a, extras.ax), _cat(b, extras.bx), scale, bias, offset)
-    rows, cols = rows[:R], cols[:R]
-    logits = logits.masked_fill(_excluded_reference(ga, gb, rows, cols, logits.shape, extras), float("-inf"))
+    (main, row_x, col_x), rows, cols = _reference_blocks(a, b, scale, bias, ga, gb, offset, extras)
+    logits = _masked(main, float("-inf"))  # (R, C)
     pos = logits[rows, cols]  # (R,)
-    loss = (logits[:R].logsumexp(1) - pos).sum()
+    row_logits = logits if row_x is None else torch.cat([logits, _masked(row_x, float("-inf"))], 1)
+    loss = (row_logits.logsumexp(1) - pos).sum()
     if both:
-        loss = loss + (logits[:, :C].logsumexp(0) - pos).sum()
+        col_logits = logits if col_x is None else torch.cat([logits, _masked(col_x, float("-inf"))], 0)
+        loss = loss + (col_logits.logsumexp(0) - pos).sum()
     return weight * loss
 
 
@@ -166,14 +178,15 @@ def sigmoid_reference(a, b, scale, bias, ga, gb, offset, both, weight, extras=NO
 
 
 def _sigmoid_reference(a, b, scale, bias, ga, gb, offset, both, weight, extras):
-    R = a.shape[0]
-    logits, rows, cols = _logits_reference(_cat(a, extras.ax), _cat(b, extras.bx), scale, bias, offset)
-    rows, cols = rows[:R], cols[:R]
+    (main, *extra_blocks), rows, cols = _reference_blocks(a, b, scale, bias, ga, gb, offset, extras)
+    logits, excluded = main
     labels = -torch.ones_like(logits)
     labels[rows, cols] = 1.0
-    terms = -F.logsigmoid(labels * logits)  # (R + Mi, C + Mt)
-    terms = terms.masked_fill(_excluded_reference(ga, gb, rows, cols, logits.shape, extras), 0.0)
-    return weight * terms.sum()
+    total = _masked((-F.logsigmoid(labels * logits), excluded), 0.0).sum()  # (R, C) terms
+    for block in extra_blocks:  # extras are negatives: label -1
+        if block is not None:
+            total = total + _masked((-F.logsigmoid(-block[0]), block[1]), 0.0).sum()
+    return weight * total
 
 
 # ---------------------------------------------------------------------------------------------
