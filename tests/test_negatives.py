@@ -143,3 +143,20 @@ def test_configuration_errors_name_the_fix(dataset, tmp_path):
     alien = mined_file(tmp_path / "alien.jsonl", [f"x{i}" for i in range(6)])
     with pytest.raises(st.DataError, match="none of the negatives"):
         train_loader(cfg(paths, hard_negatives=str(alien)), PREPROCESS, tokenize)
+
+
+def test_reloaded_negatives_take_effect_next_epoch(dataset, tmp_path):
+    """Re-mining during training: the stream reads the new file and the next epoch's batches use it."""
+    paths, keys, path = dataset
+    stream = train_loader(cfg(paths, num_workers=1, batch_size=7, hard_negatives=str(path),
+                              negatives_per_sample=2), PREPROCESS, tokenize)
+    old = {k: t.tolist() for b in stream for k, t in zip(b["key"], b["extra_text"])}
+    remined = mined_file(tmp_path / "remined.jsonl", keys[::-1])  # other neighbours for every pair
+    stream.reload_negatives(remined)
+    stream.set_epoch(0)
+    src = stream._set.negatives
+    for batch in stream:
+        for key, tokens in zip(batch["key"], batch["extra_text"]):
+            assert torch.equal(tokens, tokenize(src.choose(key, 0)[1]))
+            assert tokens.tolist() != old[key]  # the previous 4 keys now, the next 4 before
+    assert stream._set.cfg.hard_negatives == str(remined)
