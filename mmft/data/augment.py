@@ -5,8 +5,8 @@
     xb = tf.collate([tf.pixels(im) for im in images])     # (B, 3, S, S): what the data workers do
 
 Semantics follow open_clip's training preprocess (RandomResizedCrop with `augment_scale`, bicubic),
-plus an optional horizontal flip and colour jitter. Random draws use torch's global RNG, which each
-data worker seeds from (seed, epoch, rank, worker).
+plus an optional horizontal flip and colour jitter. Random draws use torch's global RNG, which the
+training stream swaps for a stream of its own seeded from (seed, epoch, rank, worker).
 """
 from __future__ import annotations
 

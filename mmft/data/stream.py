@@ -19,12 +19,11 @@ the sources by `train_weights`; its epoch is `epoch_samples` (or the counted siz
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
@@ -59,6 +58,23 @@ def _images(samples: list[dict], transform) -> torch.Tensor:
     return transform.collate(images) if hasattr(transform, "collate") else default_collate(images)  # (B, 3, H, W)
 
 
+def _on_own_torch_rng(items: Iterator, seed: int) -> Iterator:
+    """Run the generator `items` on a torch RNG stream of its own: the global state is swapped in and out
+    around each item, so the caller's draws and the generator's never interleave."""
+    own = torch.Generator().manual_seed(seed).get_state()
+    while True:
+        outer = torch.get_rng_state()
+        torch.set_rng_state(own)
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        finally:
+            own = torch.get_rng_state()
+            torch.set_rng_state(outer)
+        yield item
+
+
 class _TrainSet(IterableDataset):
     """The per-worker half of the training stream; its fields are set by TrainStream before each epoch."""
 
@@ -84,9 +100,14 @@ class _TrainSet(IterableDataset):
         return raw, reader.full, reader.tail
 
     def __iter__(self):
+        # Augmentation draws from torch's RNG on a stream of its own, seeded per (seed, epoch, rank, worker):
+        # re-reading skipped batches on resume, or dropout between batches with num_workers=0, never
+        # shifts the draws of the other.
+        aug_seed = random.Random(f"mmft-aug:{self.seed}:{self.epoch}:{self.rank}:{_worker()}").getrandbits(63)
+        return _on_own_torch_rng(self._batches(), aug_seed)
+
+    def _batches(self):
         w, cfg = _worker(), self.cfg
-        if get_worker_info() is not None:  # augmentation draws: deterministic per (seed, epoch, rank, worker)
-            torch.manual_seed(random.Random(f"mmft-aug:{self.seed}:{self.epoch}:{self.rank}:{w}").getrandbits(63))
         stats, rng = SkipStats(), random.Random(f"mmft-order:{self.seed}:{self.epoch}:{self.rank}:{w}")
         raw, full, tail = self._raw(w, stats, rng)
         raw = st.shuffled(raw, cfg.shuffle_buffer, rng)
@@ -155,6 +176,8 @@ class TrainStream:
     def set_epoch(self, epoch: int) -> None:
         ds, cfg, b = self._set, self._set.cfg, self.batch_size
         ds.epoch = epoch
+        loader_seed = random.Random(f"mmft-loader:{ds.seed}:{epoch}:{ds.rank}").getrandbits(63)
+        self._loader.generator.manual_seed(loader_seed)  # the workers' base seed: a function of the epoch
         if cfg.resampled:
             per_rank = (cfg.epoch_samples or sum(self._sizes)) // (self.world_size * b)
             ds.resampled_quota = [per_rank // ds.workers + (w < per_rank % ds.workers) for w in range(ds.workers)]
@@ -170,15 +193,6 @@ class TrainStream:
 
     def __len__(self) -> int:
         return self.num_batches
-
-    def reload_negatives(self, path: str | None = None) -> None:
-        """Read the mined negatives again, from `path` when given (else data.hard_negatives): negatives
-        re-mined with the current model take effect from the next epoch (workers start per epoch)."""
-        ds = self._set
-        if path is not None:
-            ds.cfg = dataclasses.replace(ds.cfg, hard_negatives=str(path))
-        urls = [u for _, us in ds.sources for u in us]
-        ds.negatives = NegativeSource.from_config(ds.cfg, urls, ds.seed, draft_size(ds.transform))
 
     def __iter__(self):
         made, pending = 0, None
@@ -239,7 +253,10 @@ def train_loader(data_cfg, preprocess_train: Callable, tokenizer: Callable, *, s
     dataset.negatives = NegativeSource.from_config(data_cfg, [u for _, us in sources for u in us], seed,
                                                    draft_size(preprocess_train))
     pin = device_type == "cuda"
-    loader = DataLoader(dataset, batch_size=None, num_workers=data_cfg.num_workers, pin_memory=pin)
+    # a generator of its own: starting the workers draws their base seed from it, not from torch's global
+    # RNG, which belongs to the training step (dropout) and is restored from checkpoints on resume
+    loader = DataLoader(dataset, batch_size=None, num_workers=data_cfg.num_workers, pin_memory=pin,
+                        generator=torch.Generator())
     stream = TrainStream(dataset, loader, sizes, world_size, pin)
     if epoch:
         stream.set_epoch(epoch)
@@ -295,5 +312,6 @@ def eval_loader(specs: str | list[str], data_cfg, preprocess_val: Callable, *, b
     urls = expand_specs(specs)
     workers = data_cfg.num_workers if num_workers is None else num_workers
     dataset = _EvalSet(urls, data_cfg, preprocess_val, batch_size or data_cfg.batch_size, max(1, workers))
-    loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device_type == "cuda")
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device_type == "cuda",
+                        generator=torch.Generator())  # validation leaves the training RNG alone
     return EvalStream(loader)
