@@ -80,6 +80,8 @@ class DataConfig:
     # images and captions as extra negatives (mmft.data.negatives). "" = none.
     hard_negatives: str = ""
     negatives_per_sample: int = 4  # K, at most the k that was mined
+    # Re-mine the negatives with the model being trained every N epochs (into the run directory); 0 = never.
+    remine_every: int = 0
 
 
 @dataclass
@@ -116,6 +118,11 @@ class TrainConfig:
     init_adapter: str = ""
     # Frozen towers (head-only training): embed the trunks once and train the heads on cached features.
     cache_features: bool = False
+    # Gradient caching: embed each batch in micro-batches without autograd, take the loss and its gradient
+    # w.r.t. the embeddings over the whole batch, then re-run each micro-batch with autograd (equal
+    # gradients, activation memory of one micro-batch; docs/training.md).
+    grad_cache: bool = False
+    micro_batch_size: int = 0  # samples per micro-batch with grad_cache (its extras come along)
 
 
 @dataclass
@@ -141,6 +148,12 @@ class IndexConfig:
     nprobe: int = 0  # 0 = factory default
     use_gpu: str = "auto"  # auto | never | always
     thumbnails: int = 128  # side (px) of the JPEG thumbnails saved beside the index (mmft serve); 0 = none
+    # Tuning (mmft.index.tuning): > 0 = measure candidate indexes on held-out queries and keep the
+    # fastest whose recall@10 meets this target within the budgets ("2GB"; ms per query; 0 = none).
+    target_recall: float = 0.0
+    max_memory: str = ""
+    max_latency_ms: float = 0.0
+    heldout: int = 1000  # held-out queries recall is measured on (saved with the index)
 
 
 @dataclass

@@ -38,6 +38,7 @@ from mmft.index.faiss_backend import (  # noqa: F401  (re-exported: the FAISS he
     unit_rows,
 )
 from mmft.index.manifest import (  # noqa: F401  (re-exported: the manifest's errors and names)
+    HELDOUT_FILE,
     IDS_FILE,
     INDEX_FILE,
     INDEX_FORMAT,
@@ -51,6 +52,7 @@ from mmft.index.manifest import (  # noqa: F401  (re-exported: the manifest's er
     read_manifest,
     write_manifest,
 )
+from mmft.index.versions import current_version, drop_versions, remove_old_versions
 from mmft.io import atomic_path
 
 
@@ -62,6 +64,7 @@ class Index:
     ids: np.ndarray  # (N,) str: gallery ids in row order
     manifest: dict
     path: Path | None = None
+    heldout: Any = None  # a tuned index's mmft.index.heldout.HeldOut (saved as heldout.npz)
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -129,12 +132,19 @@ class Index:
         faiss = faiss_module()
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        replaced = drop_versions(out_dir)  # a rebuild supersedes the versions appends wrote
         (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # a half-replaced index must not load
         with atomic_path(out_dir / INDEX_FILE) as tmp:
             faiss.write_index(to_cpu(self.index), str(tmp))
         with atomic_path(out_dir / IDS_FILE) as tmp:
             tmp.write_text(json.dumps([str(i) for i in self.ids]))
+        if self.heldout is not None:
+            self.heldout.save(out_dir / HELDOUT_FILE)
+        else:
+            (out_dir / HELDOUT_FILE).unlink(missing_ok=True)
         write_manifest(out_dir, self.manifest)
+        if replaced:
+            remove_old_versions(out_dir)
         self.path = out_dir
         return out_dir
 
@@ -173,12 +183,14 @@ def _gallery(source, ids, modality: str | None) -> tuple[np.ndarray, np.ndarray,
 
 def build_index(source, out_dir: str | Path | None = None, *, ids=None, model=None,
                 index_cfg: IndexConfig | None = None, modality: str | None = None, ef_search: int | None = None,
-                seed: int = 0, progress: bool = False, extra: dict | None = None) -> Index:
+                seed: int = 0, progress: bool = False, extra: dict | None = None, queries=None) -> Index:
     """Build a FAISS index over Embeddings (image rows by default, or modality="text") or vectors (N, D).
 
     The manifest pins the model: taken from the Embeddings, or from `model` for plain vectors (a model
     given with Embeddings must match them). index_cfg.factory "" picks `default_factory(N)`;
     index_cfg.fp16 stores float16; IVF/PQ train on index_cfg.train_sample rows; saved when out_dir is set.
+    index_cfg.target_recall > 0 tunes the factory and its search parameter on held-out queries
+    (mmft.index.tuning): drawn from `queries` (M, D), else the Embeddings' other modality, else the gallery.
     """
     from mmft.embeddings import model_fingerprint
 
@@ -198,15 +210,27 @@ def build_index(source, out_dir: str | Path | None = None, *, ids=None, model=No
         fp = current
     factory = resolve_factory(cfg.factory, n, cfg.fp16)
     start = time.time()
-    index = new_faiss_index(vectors, factory, train_sample=cfg.train_sample, seed=seed, use_gpu=cfg.use_gpu,
-                            progress=progress)
+    nprobe, held = cfg.nprobe, None
+    if cfg.target_recall and cfg.factory != "Flat":
+        from mmft.index.heldout import default_queries
+        from mmft.index.tuning import tune_for_config
+
+        kind = {"image": "captions", "text": "images"}.get(modality, "queries")
+        pool, kind = (queries, kind) if queries is not None else default_queries(source, modality)
+        tuned = tune_for_config(vectors, cfg, queries=pool, source=kind, seed=seed, progress=progress)
+        index, factory, held = tuned.index, tuned.factory, tuned.held
+        nprobe, ef_search = tuned.nprobe, tuned.ef_search
+        extra = {**(extra or {}), "tuning": tuned.record}
+    else:
+        index = new_faiss_index(vectors, factory, train_sample=cfg.train_sample, seed=seed,
+                                use_gpu=cfg.use_gpu, progress=progress)
     return finish_index(index, ids, factory=factory, fingerprint=fp, modality=modality, start=start,
-                        nprobe=cfg.nprobe, ef_search=ef_search, extra=extra, out_dir=out_dir)
+                        nprobe=nprobe, ef_search=ef_search, extra=extra, out_dir=out_dir, heldout=held)
 
 
 def finish_index(index, ids, *, factory: str, fingerprint: dict | None, modality: str, start: float,
                  nprobe: int = 0, ef_search: int | None = None, extra: dict | None = None,
-                 out_dir: str | Path | None = None) -> Index:
+                 out_dir: str | Path | None = None, heldout=None) -> Index:
     """The last step of every builder: search defaults, the manifest, and a save when out_dir is set.
 
     index: a trained and filled FAISS index; ids (N,) its gallery ids; start: time.time() at the start.
@@ -215,7 +239,7 @@ def finish_index(index, ids, *, factory: str, fingerprint: dict | None, modality
     manifest = index_manifest(fingerprint, dim=index.d, count=index.ntotal, factory=factory, nprobe=nprobe,
                               ef_search=ef_search, modality=modality, build_seconds=time.time() - start,
                               extra=extra)
-    out = Index(index=index, ids=np.asarray(ids), manifest=manifest)
+    out = Index(index=index, ids=np.asarray(ids), manifest=manifest, heldout=heldout)
     if out_dir is not None:
         out.save(out_dir)
     return out
@@ -227,7 +251,7 @@ def load_index(path: str | Path, model=None, *, use_gpu: str = "auto", mmap: boo
     mmap=True memory-maps the vectors (flat codes, IVF lists) read-only, so processes share one copy.
     """
     faiss = faiss_module()
-    path = Path(path)
+    path = current_version(Path(path))  # the version CURRENT names (mmft.index.versions), else the folder
     manifest = read_manifest(path)
     flags = faiss.IO_FLAG_ONDISK_SAME_DIR
     if mmap:  # flat codes and IVF lists take different flags; CPU only
@@ -277,8 +301,8 @@ def build_index_from_model(model, shards, out_dir: str | Path, *, tokenizer=None
     try:
         with lora_scale(model, cfg.lora_scale if has_adapter(model) else None):
             emb = embed(model, shards, tokenizer=tokenizer, preprocess=preprocess, data_cfg=data_cfg,
-                        batch_size=batch_size, fp16=cfg.fp16, out_dir=emb_dir, modality=modality,
-                        progress=progress)
+                        batch_size=batch_size, fp16=cfg.fp16, out_dir=emb_dir, progress=progress,
+                        modality="both" if cfg.target_recall else modality)  # tuning holds out captions
         specs = [shards] if isinstance(shards, (str, Path)) else shards
         is_specs = isinstance(specs, (list, tuple)) and all(isinstance(s, (str, Path)) for s in specs)
         source = {"shards": [str(s) for s in specs] if is_specs else "in-memory batches"}

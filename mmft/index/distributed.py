@@ -239,6 +239,10 @@ class _Rows:
     def __len__(self) -> int:
         return len(self.order)
 
+    def __getitem__(self, rows) -> np.ndarray:
+        """Rows by slice or index array, as from an (N, D) array (what the tuner's exact search reads)."""
+        return self.take(np.arange(len(self))[rows])
+
     def take(self, rows: np.ndarray) -> np.ndarray:
         """(len(rows), D) float32 of canonical rows `rows`."""
         src = self.order[rows]
@@ -284,8 +288,11 @@ def merge_index_parts(parts, out_dir: str | Path, index_cfg: IndexConfig | None 
     budget = ram_budget() if budget is None else budget
     if ondisk is None:
         ondisk = 2 * n * dim * 4 > budget  # the joined vectors plus the index itself
+    # a tuned index holds out queries of the other modality, as a single-process build does
+    pool = _other_rows(group, modality) if cfg.target_recall else None
     if ondisk:
-        return _merge_ondisk(rows, Path(out_dir), cfg, factory, group.meta, modality, seed, extra, budget)
+        return _merge_ondisk(rows, Path(out_dir), cfg, factory, group.meta, modality, seed, extra, budget,
+                             pool)
     from mmft.embeddings import Embeddings
 
     vectors = np.empty((n, dim), np.float32)  # (N, D)
@@ -294,13 +301,23 @@ def merge_index_parts(parts, out_dir: str | Path, index_cfg: IndexConfig | None 
     empty = np.zeros((0, dim), np.float32)
     emb = Embeddings(image=vectors if modality == "image" else empty, text=vectors if modality == "text" else empty,
                      keys=[], captions=[], caption_image=np.zeros(0, np.int64), meta=group.meta)
-    cfg = dataclasses.replace(cfg, factory=factory, fp16=False)  # the factory already says fp16
+    if not cfg.target_recall:  # (a tuned build chooses the factory itself)
+        cfg = dataclasses.replace(cfg, factory=factory, fp16=False)  # the factory already says fp16
     return build_index(emb, out_dir, ids=rows.ids, index_cfg=cfg, modality=modality, seed=seed,
-                       progress=progress, extra=extra)
+                       progress=progress, extra=extra, queries=pool)
+
+
+def _other_rows(group: _Parts, modality: str) -> _Rows | None:
+    """Caption rows of an image gallery (image rows of a caption gallery) when the parts hold them."""
+    try:
+        other = group.vectors("text" if modality == "image" else "image")
+    except ValueError:
+        return None
+    return other if len(other) else None
 
 
 def _merge_ondisk(rows: _Rows, out_dir: Path, cfg: IndexConfig, factory: str, meta: dict, modality: str,
-                  seed: int, extra: dict, budget: int):
+                  seed: int, extra: dict, budget: int, pool: _Rows | None = None):
     """Train once, fill sub-indexes over consecutive id ranges, merge their lists into index.ivfdata."""
     from faiss.contrib.ondisk import merge_ondisk
 
@@ -330,8 +347,18 @@ def _merge_ondisk(rows: _Rows, out_dir: Path, cfg: IndexConfig, factory: str, me
     merge_ondisk(index, names, str((out_dir / IVFDATA_FILE).resolve()))
     shutil.rmtree(tmp, ignore_errors=True)
     extra = {**extra, "ondisk": {"file": IVFDATA_FILE, "bytes": (out_dir / IVFDATA_FILE).stat().st_size}}
+    nprobe, held = cfg.nprobe, None
+    if cfg.target_recall:  # the factory is fixed on disk: tune its nprobe on held-out queries
+        from mmft.index.heldout import held_out_sample
+        from mmft.index.tuning import tune_search
+
+        kind = "captions" if modality == "image" else "images"
+        held = held_out_sample(rows, pool, size=cfg.heldout, seed=seed, source=kind)
+        extra["tuning"] = tune_search(index, factory, held, cfg.target_recall,
+                                      max_latency_ms=cfg.max_latency_ms or None)
+        nprobe = extra["tuning"]["chosen"]["nprobe"]
     return finish_index(index, rows.ids, factory=factory, fingerprint=meta, modality=modality, start=start,
-                        nprobe=cfg.nprobe, extra=extra, out_dir=out_dir)
+                        nprobe=nprobe, extra=extra, out_dir=out_dir, heldout=held)
 
 
 def build_index_distributed(run_dir: str | Path, shards, out_dir: str | Path | None = None,
@@ -344,8 +371,8 @@ def build_index_distributed(run_dir: str | Path, shards, out_dir: str | Path | N
     cfg = index_cfg or IndexConfig()
     out = Path(out_dir) if out_dir is not None else RunDir(run_dir).index_dir
     parts = out / "embeddings"
-    embed_run(run_dir, shards, parts, lora_scale=cfg.lora_scale, data_cfg=data_cfg, modality=modality,
-              batch_size=batch_size, fp16=cfg.fp16)
+    embed_run(run_dir, shards, parts, lora_scale=cfg.lora_scale, data_cfg=data_cfg, batch_size=batch_size,
+              fp16=cfg.fp16, modality="both" if cfg.target_recall else modality)  # tuning holds out captions
     if dist_utils.rank_world()[0] == 0:
         merge_index_parts(parts, out, cfg, modality=modality)
         if not keep_embeddings:

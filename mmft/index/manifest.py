@@ -19,6 +19,7 @@ from mmft.io import read_json_object
 
 INDEX_FORMAT = 1
 INDEX_FILE, IDS_FILE, MANIFEST_FILE = "index.faiss", "ids.json", "manifest.json"
+HELDOUT_FILE = "heldout.npz"  # a tuned index's held-out queries and their exact neighbours (index.heldout)
 # What decides a model's embeddings (mmft.embeddings.model_fingerprint): an index pins all three.
 FINGERPRINT_KEYS = ("model", "adapter_sha256", "lora_scale")
 
@@ -75,7 +76,8 @@ def write_manifest(out_dir: Path, manifest: dict) -> None:
     """Record the sizes of index.faiss and ids.json, then write manifest.json (the last file of a save)."""
     from mmft.io import write_json
 
-    manifest["files"] = {n: (out_dir / n).stat().st_size for n in (INDEX_FILE, IDS_FILE)}
+    names = (INDEX_FILE, IDS_FILE) + ((HELDOUT_FILE,) if (out_dir / HELDOUT_FILE).is_file() else ())
+    manifest["files"] = {n: (out_dir / n).stat().st_size for n in names}
     write_json(out_dir / MANIFEST_FILE, manifest)
 
 
@@ -107,7 +109,13 @@ def read_ids(path: Path, manifest: dict) -> list[str]:
 
 
 def read_manifest(path: Path) -> dict:
-    """The manifest of a complete index directory, or IndexLoadError saying what is wrong and what to do."""
+    """The manifest of a complete index directory, or IndexLoadError saying what is wrong and what to do.
+
+    A folder whose CURRENT file names a version (mmft.index.versions) reads that version's manifest.
+    """
+    from mmft.index.versions import current_version
+
+    path = current_version(path)
     if not path.is_dir():
         raise IndexLoadError(f"no index at {path}: the folder does not exist; "
                              "build one with `mmft index build`")
