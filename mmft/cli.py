@@ -60,6 +60,9 @@ def cmd_index_build(args) -> int:
         cfg.index.factory = args.factory
     if args.lora_scale is not None:
         cfg.index.lora_scale = args.lora_scale
+    for key in ("target_recall", "max_memory", "max_latency_ms"):  # tuning (mmft.index.tuning)
+        if getattr(args, key) is not None:
+            setattr(cfg.index, key, getattr(args, key))
     if init_from_env():  # under torchrun: every rank embeds its share, rank 0 merges
         from mmft.index.distributed import build_index_distributed
 
@@ -68,6 +71,24 @@ def cmd_index_build(args) -> int:
         return 0
     index = build_index_from_run(args.run, args.shards, args.out, cfg.index, data_cfg=cfg.data)
     print(f"index: {args.out or RunDir(args.run).index_dir} ({index})")
+    if index.manifest.get("tuning"):
+        print(index.manifest["tuning"]["note"])
+    return 0
+
+
+def cmd_index_info(args) -> int:
+    from mmft.index.versions import index_info
+
+    print(index_info(args.index))
+    return 0
+
+
+def cmd_index_add(args) -> int:
+    from mmft.index.append import add_to_index
+
+    cfg = _config(args)
+    result = add_to_index(args.index, args.shards, model=args.run, data_cfg=cfg.data if args.config else None)
+    print(result.note)
     return 0
 
 
@@ -225,8 +246,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="index directory (default RUN/index)")
     sp.add_argument("--factory", help="FAISS factory string (default: chosen from the gallery size)")
     sp.add_argument("--lora-scale", type=float, help=SCALE_HELP)
+    sp.add_argument("--target-recall", type=float, help="tune: the fastest index whose recall@10 on held-out "
+                    "queries meets this, e.g. 0.95 (docs/indexes.md)")
+    sp.add_argument("--max-memory", help="with --target-recall: memory budget of the index, e.g. 2GB")
+    sp.add_argument("--max-latency-ms", type=float, help="with --target-recall: budget per query (ms)")
     with_config(sp)
     sp.set_defaults(fn=cmd_index_build)
+    sp = idx.add_parser("info", help="what an index holds, its versions and its measured recall curve")
+    sp.add_argument("index", help="index directory")
+    sp.set_defaults(fn=cmd_index_info)
+    sp = idx.add_parser("add", help="append shards to an index (same model) as a new version")
+    sp.add_argument("--index", required=True, help="index directory")
+    sp.add_argument("--shards", required=True, nargs="+", help="shard specs of the new gallery items")
+    sp.add_argument("--run", help="run directory of the model (default: the one recorded in the index)")
+    with_config(sp)
+    sp.set_defaults(fn=cmd_index_add)
     sp = idx.add_parser("query", help="top-k gallery ids for text (or image paths with --image)")
     sp.add_argument("index", help="index directory")
     sp.add_argument("query", nargs="+", help="query texts (or image paths with --image)")
