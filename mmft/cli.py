@@ -297,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lora-scale", type=float, help=SCALE_HELP + "; onnx with --index: the index's scale")
     sp.add_argument("--format", choices=["torch", "onnx"], default="torch",
                     help="torch: merged state dict; onnx: bundle of ONNX encoders, tokenizer, card (docs/export.md)")
-    sp.add_argument("--quantize", choices=["int8"], help="onnx: add int8 encoders (and make them the default)")
+    sp.add_argument("--quantize", choices=["int8", "int8-text"],
+                    help="onnx: add int8 encoders, both towers or the text tower only (and make them the default)")
     sp.add_argument("--index", help="onnx: copy this index folder (and its thumbnails) into the bundle")
     sp.add_argument("--eval-config", help="onnx: a config whose eval section names the sets the card measures")
     sp.add_argument("--calibration", nargs="+", help="onnx --quantize: gallery shards for the image tower's "

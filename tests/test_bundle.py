@@ -257,13 +257,21 @@ def test_export_without_an_adapter_and_plain_lora_scale_refusal(tmp_path, tiny_v
         write_bundle(model, tok, preprocess, tmp_path / "scaled", lora_scale=0.5)
 
 
-def test_quantize_needs_calibration_images(vit, tmp_path):
+def test_quantize_needs_calibration_images_for_the_image_tower_only(vit, tmp_path):
     model, tok, preprocess, _ = vit
     with pytest.raises(ValueError, match="calibrat"):
         write_bundle(model, tok, preprocess, tmp_path / "q", quantize="int8")
     with pytest.raises(ValueError, match="int4"):
         write_bundle(model, tok, preprocess, tmp_path / "q", quantize="int4")
     assert not any(tmp_path.iterdir())
+    out = write_bundle(model, tok, preprocess, tmp_path / "text-only", quantize="int8-text")
+    b = mmft.load_bundle(out)
+    assert b.precision == "int8" and b.manifest["encoders"]["files"]["int8"] == {
+        "text": "text_encoder.int8.onnx", "image": "image_encoder.onnx"}
+    assert b.manifest["quantization"]["image"] is None
+    assert "image tower: kept fp32" in (out / "README.md").read_text()
+    np.testing.assert_allclose(b.encode_image(_images()), mmft.load_bundle(out, precision="fp32").encode_image(
+        _images()), atol=1e-6)
 
 
 

@@ -137,8 +137,13 @@ def _parity_section(parity: dict | None) -> list[str]:
 def _quantization_section(q: dict | None) -> list[str]:
     if not q:
         return ["Not quantized: export with `--quantize int8` for int8 encoders.", ""]
-    out = [(f"Text tower: {q['text']['method']} ({q['text']['weights']}); image tower: {q['image']['method']} "
-            f"({q['image']['weights']}, {q['image'].get('calibration_images', '?')} calibration images)."), ""]
+    def tower(t: dict | None, name: str) -> str:
+        if t is None:
+            return f"{name} tower: kept fp32"
+        calib = f", {t['calibration_images']} calibration images" if t.get("calibration_images") else ""
+        return f"{name} tower: {t['method']} ({t['weights']}, activations {t['activations']}{calib})"
+
+    out = [tower(q["text"], "Text") + "; " + tower(q["image"], "image") + ".", ""]
     cost = q.get("recall_cost")
     if cost:
         out += ["Recall of int8 minus fp32 ONNX, points, paired 95% CIs:", "",

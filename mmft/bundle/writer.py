@@ -103,12 +103,24 @@ def _smoke_images(preprocess_cfg: dict, calibration: list) -> list:
     return [Image.fromarray(rng.integers(0, 256, (h + 17 * i, w + 9 * i, 3), dtype=np.uint8)) for i in range(3)]
 
 
-def _quantize(tmp: Path, files: dict, calibration: list, pre_cfg: dict) -> dict:
+QUANTIZE = {"int8": ("text", "image"), "int8-text": ("text",)}  # --quantize value -> towers made int8
+
+
+def _quantize(tmp: Path, files: dict, towers: tuple[str, ...], calibration: list, pre_cfg: dict) -> dict:
+    """int8 encoders of `towers` (the others stay fp32 in the int8 set); what the manifest records."""
     from mmft.bundle.quantize import IMAGE_INT8, TEXT_INT8, quantize_image, quantize_text
 
-    text = quantize_text(tmp / files["text"], tmp / TEXT_INT8)
-    image = quantize_image(tmp / files["image"], tmp / IMAGE_INT8, preprocess_batch(calibration, pre_cfg))
-    return {"files": {"image": IMAGE_INT8, "text": TEXT_INT8}, "text": text, "image": image}
+    out = {"files": dict(files), "text": None, "image": None}
+    if "text" in towers:
+        out["text"] = quantize_text(tmp / files["text"], tmp / TEXT_INT8)
+        out["files"]["text"] = TEXT_INT8
+    if "image" in towers:
+        if not calibration:
+            raise ValueError("--quantize int8 calibrates the image tower on gallery images: pass --index (its "
+                             "gallery shards) or --calibration SHARDS, or use int8-text")
+        out["image"] = quantize_image(tmp / files["image"], tmp / IMAGE_INT8, preprocess_batch(calibration, pre_cfg))
+        out["files"]["image"] = IMAGE_INT8
+    return out
 
 
 def write_bundle(model, tokenizer, preprocess, out_dir: str | Path, *, lora_scale: float | None = None,
@@ -118,7 +130,7 @@ def write_bundle(model, tokenizer, preprocess, out_dir: str | Path, *, lora_scal
     """Write a bundle for `model` (+ its tokenizer and preprocess_val) to out_dir; see the module docstring.
 
     lora_scale: the fine-tuning delta merged in (default: the index's scale with index_dir, else 1.0).
-    quantize: None or "int8".
+    quantize: None, "int8" (both towers) or "int8-text" (the text tower only; the image tower stays fp32).
     eval_sets: {"domain": specs, "general": specs} measured into the card (with eval_cfg, data_cfg).
     calibration_specs: shards the image tower's int8 ranges are calibrated on (default: the index gallery).
     """
@@ -129,8 +141,8 @@ def write_bundle(model, tokenizer, preprocess, out_dir: str | Path, *, lora_scal
     from mmft.config import EvalConfig
     from mmft.model.factory import model_identity
 
-    if quantize not in (None, "int8"):
-        raise ValueError(f"--quantize {quantize!r} is not supported; use int8 or leave it out")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ValueError(f"--quantize {quantize!r} is not supported; use {' or '.join(QUANTIZE)} or leave it out")
     has_adapter = getattr(model, "mmft_lora", None) is not None
     if lora_scale is None and index_dir is not None and has_adapter:
         lora_scale = _index_scale(Path(index_dir))
@@ -162,11 +174,8 @@ def write_bundle(model, tokenizer, preprocess, out_dir: str | Path, *, lora_scal
         meta["parity_check"] = _check_parity(tmp, meta, merged, tokenizer, preprocess,
                                              _smoke_images(pre_cfg, calibration))
         del merged
-        if quantize == "int8":
-            if not calibration:
-                raise ValueError("--quantize int8 calibrates the image tower on gallery images: pass --index (its "
-                                 "gallery shards) or --calibration SHARDS")
-            q = _quantize(tmp, encoders["files"]["fp32"], calibration, pre_cfg)
+        if quantize is not None:
+            q = _quantize(tmp, encoders["files"]["fp32"], QUANTIZE[quantize], calibration, pre_cfg)
             encoders["files"]["int8"] = q.pop("files")
             encoders["default_precision"] = "int8"
             meta["quantization"] = q
