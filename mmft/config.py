@@ -80,6 +80,8 @@ class DataConfig:
     # images and captions as extra negatives (mmft.data.negatives). "" = none.
     hard_negatives: str = ""
     negatives_per_sample: int = 4  # K, at most the k that was mined
+    # Re-mine the negatives with the model being trained every N epochs (into the run directory); 0 = never.
+    remine_every: int = 0
 
 
 @dataclass
@@ -116,6 +118,11 @@ class TrainConfig:
     init_adapter: str = ""
     # Frozen towers (head-only training): embed the trunks once and train the heads on cached features.
     cache_features: bool = False
+    # Gradient caching: embed each batch in micro-batches without autograd, take the loss and its gradient
+    # w.r.t. the embeddings over the whole batch, then re-run each micro-batch with autograd (equal
+    # gradients, activation memory of one micro-batch; docs/training.md).
+    grad_cache: bool = False
+    micro_batch_size: int = 0  # samples per micro-batch with grad_cache (its extras come along)
 
 
 @dataclass

@@ -12,6 +12,7 @@ Layout:
     adapter-best/   adapter of the best validation score (or of the end when there is no validation)
     adapter-last/   adapter at the end of training
     summary.json    final metrics, skipped samples by reason, speed, trainable parameters (written last)
+    mined/          epoch-XXXX.jsonl: hard negatives re-mined with the model being trained (data.remine_every)
     index/, eval/   where `mmft index build` and `mmft eval` write by default
 
 The trainer writes a run directory through this class and every later stage (model loading,
@@ -40,7 +41,7 @@ class RunDir:
     """Paths and readers of one run directory (nothing is created until a writer is called)."""
 
     CONFIG, LOG, SUMMARY = "config.yaml", "log.jsonl", "summary.json"
-    CHECKPOINTS, TENSORBOARD, INDEX, EVAL = "checkpoints", "tensorboard", "index", "eval"
+    CHECKPOINTS, TENSORBOARD, INDEX, EVAL, MINED = "checkpoints", "tensorboard", "index", "eval", "mined"
 
     config_path = _entry(CONFIG, "the resolved config")
     log_path = _entry(LOG, "the JSON log, one record per line")
@@ -64,6 +65,10 @@ class RunDir:
         if which not in ADAPTERS:
             raise ValueError(f"a run keeps the adapters {ADAPTERS}, not {which!r}")
         return self.path / f"adapter-{which}"
+
+    def mined(self, epoch: int) -> Path:
+        """mined/epoch-XXXX.jsonl: the negatives re-mined before `epoch` (data.remine_every)."""
+        return self.path / self.MINED / f"epoch-{epoch:04d}.jsonl"
 
     def find_adapter(self, which: str = "best") -> Path:
         """The adapter folder to load: "best" (adapter-last/ when the run kept none), "last", or a path."""

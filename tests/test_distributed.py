@@ -43,10 +43,11 @@ def rank_env(rank: int, world: int, port: int) -> dict:
             "OMP_NUM_THREADS": "1"}
 
 
-def spawn_ranks(fn: str, tmp: Path, world: int = WORLD, timeout: float = 240) -> None:
-    """Run `fn(tmp)` of this module in `world` processes that form one gloo group."""
+def spawn_ranks(fn: str, tmp: Path, world: int = WORLD, timeout: float = 240,
+                module: str = "test_distributed") -> None:
+    """Run `fn(tmp)` of test module `module` in `world` processes that form one gloo group."""
     port = free_port()
-    code = f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_distributed as t; t.{fn}(sys.argv[1])"
+    code = f"import sys; sys.path.insert(0, {str(TESTS)!r}); import {module} as t; t.{fn}(sys.argv[1])"
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp)], env=rank_env(r, world, port),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(world)]
     errors = [p.communicate(timeout=timeout)[1] for p in procs]

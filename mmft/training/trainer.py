@@ -31,7 +31,10 @@ from mmft.model.lora import (
     trainable_summary,
 )
 from mmft.rundir import RunDir
+from mmft.training.forward import PairEncoder, plain_backward, step_inputs
+from mmft.training.grad_cache import grad_cache_backward
 from mmft.training.optim import autocast_for, lr_lambda, optimizer_step, param_groups
+from mmft.training.remine import maybe_remine
 from mmft.training.state import (
     Checkpointer,
     RunLog,
@@ -55,7 +58,7 @@ def pick_loss(model: torch.nn.Module, cfg):
     if kind not in ("infonce", "sigmoid"):
         raise ValueError(f"train.loss must be auto, infonce or sigmoid, not '{kind}'")
     fn = sigmoid_loss if kind == "sigmoid" else contrastive_loss
-    return kind, lambda out, groups: fn(**out, group_ids=groups, impl=cfg.loss_impl)
+    return kind, lambda out, **groups: fn(**out, **groups, impl=cfg.loss_impl)
 
 
 def _epoch_batches(data, epoch: int, skip: int) -> Iterable:
@@ -116,6 +119,8 @@ class Setup:
     scheduler: Any = None
     scaler: Any = None
     progress: Any = None
+    preprocess_val: Any = None  # the eval image transform (re-mining embeds with it)
+    mined_epoch: int = 0  # the epoch whose re-mined negatives the stream holds (0 = data.hard_negatives)
 
     @property
     def is_main(self) -> bool:
@@ -148,6 +153,9 @@ def _setup(cfg: Config, train_data, val_data, model, tokenizer) -> Setup:
     if rank == 0:
         log.info("%s", params)
     forward_model = model
+    if tcfg.cache_features and cfg.data.hard_negatives:
+        raise ValueError("train.cache_features trains heads on cached pair features, which have no room for "
+                         "data.hard_negatives; unset one of them")
     if tcfg.cache_features:
         from mmft.training.feature_cache import HeadOnly, cached_head_data
 
@@ -156,10 +164,10 @@ def _setup(cfg: Config, train_data, val_data, model, tokenizer) -> Setup:
     train_data, val_data = _build_data(cfg, preprocess_val, tokenizer, device, train_data, val_data)
     loss_kind, loss_fn = pick_loss(model, tcfg)
     return Setup(cfg=cfg, run=run, device=device, rank=rank, world=world, model=model,
-                 ddp_model=dist_utils.wrap_ddp(forward_model, device), tokenizer=tokenizer,
+                 ddp_model=dist_utils.wrap_ddp(PairEncoder(forward_model), device), tokenizer=tokenizer,
                  train_data=train_data, val_data=val_data, loss_kind=loss_kind, loss_fn=loss_fn,
                  params=params, ckpt=Checkpointer(run, tcfg.keep_checkpoints),
-                 log=RunLog(run, tcfg.tensorboard) if rank == 0 else None)
+                 log=RunLog(run, tcfg.tensorboard) if rank == 0 else None, preprocess_val=preprocess_val)
 
 
 def _read_checkpoint(s: Setup) -> tuple[dict | None, bool]:
@@ -262,19 +270,27 @@ def _maybe_validate(s: Setup, st: TrainState) -> bool:
 def _forward_backward(s: Setup, st: TrainState, batch: dict, last_micro: bool) -> torch.Tensor:
     """Loss and gradients of one micro-batch (accumulated into .grad); returns the loss."""
     tcfg = s.cfg.train
-    images = batch["image"].to(s.device, non_blocking=True)  # (B, 3, S, S)
-    texts = batch["text"].to(s.device, non_blocking=True)  # (B, L)
-    groups = batch.get("group") if tcfg.use_groups else None
-    groups = groups.to(s.device) if groups is not None else None
-    # DDP all-reduces gradients on the last micro-step of an accumulation only; the earlier ones add
-    # to the local .grad, which the last reduction then averages with the rest.
-    sync = last_micro or not hasattr(s.ddp_model, "no_sync")
-    with contextlib.nullcontext() if sync else s.ddp_model.no_sync():
-        with autocast_for(s.device, tcfg.precision):
-            out = s.ddp_model(images, texts)
-        loss = s.loss_fn({k: v.float() if torch.is_tensor(v) else v for k, v in out.items()}, groups)
-        s.scaler.scale(loss / tcfg.accum_steps).backward()
-    st.samples += images.shape[0] * s.world
+    inputs, groups = step_inputs(batch, s.device, tcfg.use_groups)  # images (B, 3, S, S), texts (B, L), extras
+
+    def sync(last: bool):
+        # DDP all-reduces gradients on the last backward of an accumulation only; the earlier ones add
+        # to the local .grad, which the last reduction then averages with the rest.
+        done = (last and last_micro) or not hasattr(s.ddp_model, "no_sync")
+        return contextlib.nullcontext() if done else s.ddp_model.no_sync()
+
+    def autocast():
+        return autocast_for(s.device, tcfg.precision)
+
+    def scale_loss(loss):
+        return s.scaler.scale(loss / tcfg.accum_steps)
+
+    if tcfg.grad_cache:
+        loss = grad_cache_backward(s.ddp_model, s.loss_fn, inputs, groups, tcfg.micro_batch_size,
+                                   autocast=autocast, scale_loss=scale_loss, sync=sync, device=s.device)
+    else:
+        with sync(True):
+            loss = plain_backward(s.ddp_model, s.loss_fn, inputs, groups, autocast, scale_loss)
+    st.samples += inputs["images"].shape[0] * s.world
     return loss
 
 
@@ -300,6 +316,7 @@ def _train_epoch(s: Setup, st: TrainState) -> bool:
     """The rest of the current epoch, step by step; True when the run is over (length or early stop)."""
     accum = s.cfg.train.accum_steps
     seen = micro = 0
+    maybe_remine(s, st.epoch)
     for batch in _epoch_batches(s.train_data, st.epoch, st.batch_in_epoch):
         seen += 1
         st.batch_in_epoch += 1
