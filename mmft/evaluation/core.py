@@ -77,10 +77,16 @@ def direction_results(queries: np.ndarray, gallery: np.ndarray, q_labels: np.nda
         rank[miss] = M.exact_first_ranks(queries[miss], gallery, q_labels[miss], g_labels)
     out = {"hits": exact["hits"], "ap10": exact["ap10"], "rank": rank, "gallery": len(gallery),
            "labels": q_labels, "factory": factory}
-    if factory != "Flat":
-        approx_cfg = dataclasses.replace(cfg, factory=factory, fp16=False)  # the factory already says fp16
-        approx = M.search_metrics(_search_rows(gallery, queries, k, approx_cfg), q_labels, g_labels, ks)
-        out.update(hits=approx["hits"], ap10=approx["ap10"], exact_hits=exact["hits"], exact_ap10=exact["ap10"])
+    tuned = bool(cfg.target_recall) and cfg.factory != "Flat"  # the tuner picks it (mmft.index.tuning)
+    if factory != "Flat" or tuned:
+        from mmft.index.core import build_index
+
+        # (an untuned factory already says fp16; the tuner applies index.fp16 itself)
+        approx_cfg = cfg if tuned else dataclasses.replace(cfg, factory=factory, fp16=False)
+        index = build_index(gallery, index_cfg=approx_cfg)
+        approx = M.search_metrics(index.search_rows(queries, k)[1], q_labels, g_labels, ks)
+        out.update(hits=approx["hits"], ap10=approx["ap10"], exact_hits=exact["hits"],
+                   exact_ap10=exact["ap10"], factory=index.manifest["factory"])
     return out
 
 
