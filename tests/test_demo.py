@@ -50,8 +50,16 @@ def test_quick_demo_end_to_end(tmp_path):
 
     # every stage left its artifact
     for path in ("align/adapter-best", "base/mmft-mini-aligned.pt", "domain-head/adapter-best",
-                 "domain-lora/adapter-best", "index/manifest.json", "report/report.md", "report/report.json"):
+                 "domain-lora/adapter-best", "index/manifest.json", "report/report.md", "report/report.json",
+                 "index/thumbs.json", "index-baseline/manifest.json", "index-baseline/thumbs.json"):
         assert (out / path).exists(), path
+    # the serve command it prints passes the start-up check (each index matches its model)
+    import shlex
+
+    from mmft.demo.runner import serve_command
+    from mmft.serve.config import check_config, load_serve_config
+
+    check_config(load_serve_config("configs/serve.yaml", shlex.split(serve_command(str(out)))[4:]))
     assert sorted(p.name for p in (out / "report").glob("*.png"))
     # report structure: three rows on both sets, deltas against the baseline, the sweep
     saved = json.loads((out / "report" / "report.json").read_text())

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 
 import pytest
@@ -109,7 +111,7 @@ def test_stale_reload_is_refused_and_the_old_version_keeps_serving(deployment, t
 
 
 def test_workers_follow_a_reload_and_old_slots_are_dropped(deployment, tmp_path):  # noqa: F811
-    """Two apps sharing server.state_dir stand for two worker processes: a reload in one reaches the other."""
+    """Two apps sharing server.state_dir stand for two workers: a reload in one reaches the other."""
     from mmft.serve import create_app
 
     state = tmp_path / "state"
@@ -135,5 +137,12 @@ def test_workers_follow_a_reload_and_old_slots_are_dropped(deployment, tmp_path)
             reg.retire(now=time.monotonic() + 3600)
             assert old_slot not in reg.encoder.tenants  # ... then dropped
             assert f"tuned@{v1['tuned']}" in reg.encoder.tenants
+            os.kill(os.getpid(), signal.SIGUSR1)  # the signal reloads too (and the other app follows)
+            for _ in range(100):
+                v2 = (await a.get("/readyz")).json()["tenants"]
+                if v2["tuned"] > v1["tuned"]:
+                    break
+                await asyncio.sleep(0.05)
+            assert v2["tuned"] > v1["tuned"]
 
     asyncio.run(run())

@@ -216,6 +216,8 @@ def check_config(cfg: ServeConfig) -> None:
     """
     from mmft.index.manifest import check_fingerprint, read_manifest
 
+    if cfg.base.backend != "torch":  # other backends' adapters are their own folders: checked at load
+        return
     base_ident = None
     for name, t in cfg.tenants.items():
         adapter = tenant_adapter(t)
