@@ -36,10 +36,11 @@ class Batcher:
         self.on_batch = on_batch
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmft-batch")
+        self._executor: ThreadPoolExecutor | None = None
 
     async def start(self) -> None:
-        if self._task is None:
+        if self._task is None:  # (again after stop: an app's lifespan may run more than once)
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmft-batch")
             self._queue = asyncio.Queue()
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="mmft-batcher")
 
@@ -51,7 +52,9 @@ class Batcher:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
 
     async def submit(self, job: Job):
         """Queue `job` and wait for its result (cancel the await to give up on it)."""
