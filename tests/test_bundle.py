@@ -56,7 +56,7 @@ def _min_cos(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory):
-    """mmft-mini (EfficientNet-Lite0 + MiniLM, Hugging Face text tower) with a random adapter, bundled at 0.5."""
+    """mmft-mini (EfficientNet-Lite0 + MiniLM: a Hugging Face text tower), random adapter, bundled at 0.5."""
     from mmft.config import ModelConfig
     from mmft.model.factory import create_model
 
@@ -105,8 +105,9 @@ def test_export_leaves_the_model_as_it_was(mini):
 def test_sequence_axis_is_dynamic_only_for_hugging_face_towers(mini, vit):
     m_mini = mmft.load_bundle(mini[3]).manifest
     m_vit = mmft.load_bundle(vit[3]).manifest
-    assert m_mini["encoders"]["dynamic_sequence"] and m_mini["encoders"]["text"]["input_shape"][1] == "sequence"
-    assert not m_vit["encoders"]["dynamic_sequence"] and m_vit["encoders"]["text"]["input_shape"][1] == 16
+    e_mini, e_vit = m_mini["encoders"], m_vit["encoders"]
+    assert e_mini["dynamic_sequence"] and e_mini["text"]["input_shape"][1] == "sequence"
+    assert not e_vit["dynamic_sequence"] and e_vit["text"]["input_shape"][1] == 16
     assert m_mini["tokenizer"]["pad_to"] == "longest" and m_vit["tokenizer"]["pad_to"] == "context"
 
 
@@ -120,7 +121,8 @@ def test_manifest_records_identity_scale_dims_and_fingerprint(mini):
     with at_scale(model, 0.5):
         assert m["fingerprint"] == json.loads(json.dumps(model_fingerprint(model)))
     assert m["adapter_sha256"] == adapter_digest(model) and m["lora_scale"] == 0.5
-    assert m["base_model"]["name"] == "mmft-mini" and m["encoders"]["dim"] == 256 and m["encoders"]["opset"] == 17
+    assert m["base_model"]["name"] == "mmft-mini"
+    assert m["encoders"]["dim"] == 256 and m["encoders"]["opset"] == 17
     assert set(m["files"]) == {"image_encoder.onnx", "text_encoder.onnx", "tokenizer.json", "preprocess.json",
                                "README.md"}
 
@@ -184,7 +186,8 @@ def deployed(tmp_path_factory):
     eval_cfg = EvalConfig(domain=shards[:1], general=shards[1:], bootstrap=200, lora_scales=[0.0, 0.5, 1.0])
     out = export_bundle(run, root / "bundle", lora_scale=0.5, quantize="int8", index_dir=root / "index",
                         eval_cfg=eval_cfg, data_cfg=data_cfg, progress=False)
-    return {"root": root, "run": run, "shards": shards, "eval_cfg": eval_cfg, "data_cfg": data_cfg, "bundle": out}
+    return {"root": root, "run": run, "shards": shards, "eval_cfg": eval_cfg, "data_cfg": data_cfg,
+            "bundle": out}
 
 
 def test_int8_encoders_stay_close_to_fp32(deployed):
@@ -194,7 +197,8 @@ def test_int8_encoders_stay_close_to_fp32(deployed):
     assert _min_cos(fp32.encode_text(CAPTIONS), int8.encode_text(CAPTIONS)) > 0.99
     assert _min_cos(fp32.encode_image(_images()), int8.encode_image(_images())) > 0.99
     files = int8.manifest["encoders"]["files"]["int8"]
-    assert (deployed["bundle"] / files["text"]).stat().st_size < (deployed["bundle"] / "text_encoder.onnx").stat().st_size
+    size = {name: (deployed["bundle"] / name).stat().st_size for name in (files["text"], "text_encoder.onnx")}
+    assert size[files["text"]] < size["text_encoder.onnx"]
 
 
 def test_shipped_index_answers_like_the_torch_index(deployed):
@@ -207,7 +211,8 @@ def test_shipped_index_answers_like_the_torch_index(deployed):
     got = index.search(bundle.encode_text(CAPTIONS), k=10)[1]
     want = [[h["id"] for h in hits] for hits in query_index(deployed["root"] / "index", text=CAPTIONS, k=10)]
     assert [list(r) for r in got] == want
-    assert (bundle.index_dir / "thumbs.json").is_file() == (deployed["root"] / "index" / "thumbs.json").is_file()
+    thumbs = (deployed["root"] / "index" / "thumbs.json").is_file()
+    assert (bundle.index_dir / "thumbs.json").is_file() == thumbs
 
 
 def test_an_index_of_another_scale_is_refused(deployed, tmp_path):
@@ -226,9 +231,9 @@ def test_card_figures_are_the_evaluation_of_the_same_sets(deployed):
     model, preprocess, tok = load_model(deployed["run"])
     cfg = deployed["eval_cfg"]
     sets = {"domain": cfg.domain, "general": cfg.general}
-    report = evaluate(model, sets, tokenizer=tok, preprocess=preprocess, eval_cfg=cfg, data_cfg=deployed["data_cfg"],
-                      rows=[EvalRow("baseline", 0.0), EvalRow("tuned", 1.0), EvalRow("exported @ scale 0.5", 0.5)],
-                      progress=False)
+    rows = [EvalRow("baseline", 0.0), EvalRow("tuned", 1.0), EvalRow("exported @ scale 0.5", 0.5)]
+    report = evaluate(model, sets, tokenizer=tok, preprocess=preprocess, eval_cfg=cfg,
+                      data_cfg=deployed["data_cfg"], rows=rows, progress=False)
     m = mmft.load_bundle(deployed["bundle"]).manifest
     card = (deployed["bundle"] / "README.md").read_text()
     for set_name in sets:
@@ -270,8 +275,8 @@ def test_quantize_needs_calibration_images_for_the_image_tower_only(vit, tmp_pat
         "text": "text_encoder.int8.onnx", "image": "image_encoder.onnx"}
     assert b.manifest["quantization"]["image"] is None
     assert "image tower: kept fp32" in (out / "README.md").read_text()
-    np.testing.assert_allclose(b.encode_image(_images()), mmft.load_bundle(out, precision="fp32").encode_image(
-        _images()), atol=1e-6)
+    fp32 = mmft.load_bundle(out, precision="fp32")
+    np.testing.assert_allclose(b.encode_image(_images()), fp32.encode_image(_images()), atol=1e-6)
 
 
 
@@ -280,9 +285,9 @@ def test_cli_exports_a_bundle_at_the_index_scale(deployed, tmp_path, capsys):
 
     index = str(deployed["root"] / "index")
     out = tmp_path / "cli-bundle"
-    assert main(["export", "--format", "onnx", "--run", str(deployed["run"]), "--out", str(out), "--index", index]) == 0
+    args = ["export", "--format", "onnx", "--run", str(deployed["run"])]
+    assert main(args + ["--out", str(out), "--index", index]) == 0
     m = mmft.load_bundle(out).manifest
     assert m["lora_scale"] == 0.5 and m["index"] == "index" and m["quantization"] is None
-    assert main(["export", "--format", "onnx", "--run", str(deployed["run"]), "--out", str(tmp_path / "bad"),
-                 "--index", index, "--lora-scale", "1.0"]) == 2
+    assert main(args + ["--out", str(tmp_path / "bad"), "--index", index, "--lora-scale", "1.0"]) == 2
     assert "LoRA scale" in capsys.readouterr().err and not (tmp_path / "bad").exists()

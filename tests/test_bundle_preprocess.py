@@ -1,4 +1,5 @@
-"""The bundle's numpy image transform against Pillow's resize and open_clip's torchvision transform, on real images."""
+"""The bundle's numpy image transform against Pillow's resize and open_clip's torchvision transform, on real
+images (a photograph shipped with matplotlib, rendered openclipart SVGs) and drawn ones."""
 from __future__ import annotations
 
 import io

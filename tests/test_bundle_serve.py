@@ -100,7 +100,8 @@ def _torch_answers(deployment) -> dict:  # noqa: F811
     with TestClient(app) as client:
         for t in TENANTS:
             for q in QUERIES:
-                out["text"][f"{t}|{q}"] = client.post("/search/text", json={"tenant": t, "text": q, "k": 10}).json()
+                r = client.post("/search/text", json={"tenant": t, "text": q, "k": 10})
+                out["text"][f"{t}|{q}"] = r.json()
             for i in IMAGES:
                 raw = (deployment.root / "src" / f"im{i:03d}.png").read_bytes()
                 out["image"][f"{t}|{i}"] = client.post("/search/image", data={"tenant": t, "k": "10"},
@@ -117,8 +118,8 @@ def test_torch_free_service_answers_like_the_torch_service(deployment, bundles):
     cfg = _onnx_config(deployment, bundles)
     check_config(serve_config_from_dict(cfg))  # the start-up check of `mmft serve` accepts bundle tenants
     arg = json.dumps([cfg, str(deployment.root), QUERIES, list(TENANTS), list(IMAGES)])
-    proc = subprocess.run([sys.executable, "-c", NO_TORCH, arg], cwd=ROOT, capture_output=True, text=True, check=False,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH, arg], cwd=ROOT, capture_output=True, text=True,
+                          check=False, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     onnx = json.loads(proc.stdout.strip().splitlines()[-1])
     assert onnx["torch_loaded"] is False and onnx["hook_works"] is True

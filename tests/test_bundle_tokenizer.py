@@ -7,8 +7,9 @@ import pytest
 from mmft.bundle.tokenizer import BundleTokenizer, TokenizerExportError, save_tokenizer
 
 AWKWARD = [
-    "A red apple", "  Two   DOGS playing\tin the snow!! ", "café &amp; crème brûlée &lt;3", "“curly quotes” and ‘single’",
-    "don't stop-believin' it's 42 cats, 3.14159", "emoji 🐱🚀 test", "中文字符 and ελληνικά", "UPPER lower MiXeD x",
+    "A red apple", "  Two   DOGS playing\tin the snow!! ", "café &amp; crème brûlée &lt;3",
+    "“curly quotes” and ‘single’", "don't stop-believin' it's 42 cats, 3.14159", "emoji 🐱🚀 test",
+    "中文字符 and ελληνικά", "UPPER lower MiXeD x",
     "", "<end_of_text> inside a caption", "ﬁne ligature ＦＵＬＬ width", "new\nline", "a " * 60,
     "ThisIsAVeryLongCamelCaseWordWithoutSpacesThatBPEMustSplitIntoManyPieces",
 ]
@@ -30,7 +31,8 @@ def test_open_clip_bpe_at_full_context(tmp_path):
 
     tok = open_clip.get_tokenizer("ViT-B-32")  # open_clip's own BPE, context 77, no download
     entry = _compare(tok, tmp_path)
-    assert entry["family"] == "open_clip_bpe" and entry["pad_to"] == "context" and entry["context_length"] == 77
+    assert entry["family"] == "open_clip_bpe" and entry["pad_to"] == "context"
+    assert entry["context_length"] == 77
 
 
 def test_open_clip_bpe_truncation_keeps_the_end_token(tiny_vit_cfg, tmp_path):

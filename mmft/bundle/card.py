@@ -66,14 +66,14 @@ def _preprocess_info(p: dict) -> str:
 
 
 def _header(m: dict, preprocess: dict) -> list[str]:
-    enc, fp = m["encoders"], m["fingerprint"]
+    enc, fp, tok = m["encoders"], m["fingerprint"], m["tokenizer"]
     precisions = ", ".join(sorted(enc["files"]))
     rows = [("base model", _identity(m.get("base_model"))),
             ("adapter sha256", f"`{m['adapter_sha256']}`" if m.get("adapter_sha256") else "none"),
             ("LoRA scale merged in", f"{m['lora_scale']:g}" if m.get("lora_scale") is not None else "n/a"),
             ("embedding", f"{enc['dim']}-d, {'unit rows' if enc['normalized'] else 'raw'}"),
             ("image input", _preprocess_info(preprocess)),
-            ("text input", f"{m['tokenizer']['family']} tokenizer, up to {m['tokenizer']['context_length']} tokens"),
+            ("text input", f"{tok['family']} tokenizer, up to {tok['context_length']} tokens"),
             ("encoders", f"{precisions} (default {enc['default_precision']}), ONNX opset {enc['opset']}"),
             ("index", _index_info(m) if m.get("index") else "none shipped"),
             ("fingerprint", (f"indexes must record adapter {(fp.get('adapter_sha256') or 'none')[:12]} at "
@@ -102,7 +102,8 @@ def _evaluation_section(ev: dict | None) -> list[str]:
 
     report = ev["report"]
     out = [(f"Measured with `mmft.evaluate` at export: text→image and image→text recall in points, 95% "
-            f"bootstrap CIs over queries ({report['config']['bootstrap']} resamples); Δ rows are paired."), ""]
+            f"bootstrap CIs over queries ({report['config']['bootstrap']} resamples); Δ rows are paired."),
+           ""]
     for set_name, info in report["sets"].items():
         title = (f"**{set_name}** ({info['images']} images, {info['captions']} captions, {info['relevance']} "
                  "relevance)")
@@ -118,19 +119,21 @@ def _evaluation_section(ev: dict | None) -> list[str]:
 def _parity_section(parity: dict | None) -> list[str]:
     if not parity:
         return ["Not measured (no evaluation sets).", ""]
-    out = [("Cosine between each ONNX Runtime row and the adapted torch model's row (same images and captions; "
-            "the ONNX side through tokenizer.json and the numpy transform of preprocess.json):"), "",
+    out = [("Cosine between each ONNX Runtime row and the adapted torch model's row (same images and "
+            "captions; the ONNX side through tokenizer.json and the numpy transform of preprocess.json):"),
+           "",
            "| set | precision | tower | rows | min | mean |", "|---|---|---|---|---|---|"]
     for set_name, p in parity.items():
         for prec, towers in p["cosine"].items():
             for tower, c in towers.items():
-                out.append(f"| {set_name} | {prec} | {tower} | {c['rows']} | {c['min']:.6f} | {c['mean']:.6f} |")
+                out.append(f"| {set_name} | {prec} | {tower} | {c['rows']} | {c['min']:.6f} | "
+                           f"{c['mean']:.6f} |")
     out += ["", "Recall of the torch model minus ONNX fp32 (points):", "",
             "| set | t2i R@1 | t2i R@5 | i2t R@1 | i2t R@5 |", "|---|---|---|---|---|"]
     for set_name, p in parity.items():
         d = p["torch_minus_fp32"]
-        out.append(f"| {set_name} | " + " | ".join(f"{d[k][m]:+.2f}" for k in ("t2i", "i2t") for m in ("R@1", "R@5"))
-                   + " |")
+        cells = [f"{d[k][m]:+.2f}" for k in ("t2i", "i2t") for m in ("R@1", "R@5")]
+        out.append(f"| {set_name} | " + " | ".join(cells) + " |")
     return out + [""]
 
 
@@ -151,8 +154,8 @@ def _quantization_section(q: dict | None) -> list[str]:
         for set_name, dirs in cost.items():
             for d, label in DIRS:
                 c = dirs[d]
-                out.append(f"| {set_name} | {label} | {_fmt_ci(c['R@1'], True)} | {_fmt_ci(c['R@5'], True)} | "
-                           f"{c['fp32_R@5']:.1f} | {c['int8_R@5']:.1f} |")
+                out.append(f"| {set_name} | {label} | {_fmt_ci(c['R@1'], True)} | "
+                           f"{_fmt_ci(c['R@5'], True)} | {c['fp32_R@5']:.1f} | {c['int8_R@5']:.1f} |")
         out.append("")
     else:
         out += ["Recall cost not measured (no evaluation sets).", ""]

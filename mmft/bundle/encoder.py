@@ -26,7 +26,9 @@ class OnnxEncoder:
                  threads: int | None = None):
         self.precision, self.threads = precision, threads or None
         self.base_path = Path(base_bundle) if base_bundle else None
-        self.base = load_bundle(self.base_path, precision=precision, threads=self.threads) if base_bundle else None
+        self.base = None
+        if base_bundle:
+            self.base = load_bundle(self.base_path, precision=precision, threads=self.threads)
         self.dim = self.base.dim if self.base is not None else None
         self._slots: dict[str, Bundle] = {}
 
@@ -58,14 +60,15 @@ class OnnxEncoder:
             raise ValueError(f"base.bundle {bundle.path} carries an adapter at LoRA scale {exported:g}; the "
                              "baseline needs the base itself: export it with --lora-scale 0")
         if not math.isclose(exported, float(lora_scale), abs_tol=1e-9):
-            raise ValueError(f"bundle {bundle.path} was exported at LoRA scale {exported:g} but the tenant asks "
-                             f"for {lora_scale:g}: set lora_scale to {exported:g} or export the bundle again "
-                             f"with --lora-scale {lora_scale:g}")
+            raise ValueError(f"bundle {bundle.path} was exported at LoRA scale {exported:g} but the tenant "
+                             f"asks for {lora_scale:g}: set lora_scale to {exported:g} or export the bundle "
+                             f"again with --lora-scale {lora_scale:g}")
         if self.base is not None and fp.get("model") != self.base.fingerprint().get("model"):
             raise ValueError(f"bundle {bundle.path} was exported from another base model than base.bundle "
                              f"{self.base.path}: one service shares one base; serve it from a second service")
         if self.dim is not None and bundle.dim != self.dim:
-            raise ValueError(f"bundle {bundle.path} embeds to {bundle.dim} dimensions, the service to {self.dim}")
+            raise ValueError(f"bundle {bundle.path} embeds to {bundle.dim} dimensions, the service to "
+                             f"{self.dim}")
 
     def load_tenant(self, slot: str, adapter: str | None, lora_scale: float) -> None:
         bundle = self._open(adapter)

@@ -19,7 +19,8 @@ BUNDLE_FORMAT = "mmft-bundle-1"
 
 
 class BundleError(ValueError):
-    """A bundle folder that is missing, incomplete, altered or of another format; the message says what to do."""
+    """A bundle folder that is missing, incomplete, altered or of another format; the message says what to do.
+    """
 
 
 def bundle_files(bundle_dir: Path) -> list[str]:
@@ -47,7 +48,7 @@ def write_manifest(bundle_dir: str | Path, meta: dict) -> dict:
 
 
 def read_manifest(bundle_dir: str | Path, *, verify: bool = True) -> dict:
-    """manifest.json of a bundle; with verify, refuse (BundleError) any file that does not hash as recorded."""
+    """manifest.json of a bundle; with verify, refuse (BundleError) any file not hashing as recorded."""
     bundle_dir = Path(bundle_dir)
     path = bundle_dir / MANIFEST_FILE
     if not bundle_dir.is_dir():

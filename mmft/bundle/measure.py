@@ -93,8 +93,8 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> dict:
             "mean": float(cos.mean()) if len(cos) else 1.0}
 
 
-def onnx_comparison(model, lora_scale: float | None, bundles: dict[str, Bundle], sets: dict, eval_cfg, data_cfg,
-                    tokenizer, preprocess, progress: bool) -> tuple[dict, dict | None]:
+def onnx_comparison(model, lora_scale: float | None, bundles: dict[str, Bundle], sets: dict, eval_cfg,
+                    data_cfg, tokenizer, preprocess, progress: bool) -> tuple[dict, dict | None]:
     """(parity, recall cost): torch vs ONNX rows of every set, and int8 minus fp32 recall with paired CIs.
 
     bundles: {"fp32": Bundle[, "int8": Bundle]} of the bundle being written.

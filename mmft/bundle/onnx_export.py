@@ -45,7 +45,7 @@ class _TextTower(torch.nn.Module):
 
 @torch.no_grad()
 def merged_copy(model: torch.nn.Module, lora_scale: float | None = None) -> torch.nn.Module:
-    """A copy of `model` in eval mode with its adapter folded in at `lora_scale` (default: its current scale)."""
+    """A copy of `model` in eval mode, its adapter folded in at `lora_scale` (default: its current scale)."""
     from mmft.model.lora import merge_lora, set_lora_scale
 
     merged = copy.deepcopy(model)

@@ -4,11 +4,11 @@ open_clip's evaluation transform is resize (shortest side, longest side or squas
 -> [0, 1] floats -> (x - mean) / std. `preprocess.json` records those parameters and
 `preprocess_image` applies them with numpy alone. The resize reimplements Pillow's antialiased
 resampling (the call torchvision makes for PIL images) in integer fixed point, so its output is
-bit-identical to Pillow's (checked on 400 random size pairs) and the whole transform matches open_clip's to float rounding (the tests
-compare both on real photographs and rendered clip art). A client in another language reproduces it
-from this file: separable convolution with the bicubic (a = -0.5) or triangle kernel stretched by the
-downscale factor, weights normalised per output pixel and rounded to 22 fractional bits, each pass
-rounded and clipped to 8 bits (see `resize` for which pass runs first).
+bit-identical to Pillow's (checked on 400 random size pairs) and the whole transform matches open_clip's
+to float rounding (the tests compare both on real photographs and rendered clip art). A client in
+another language reproduces it from this file: separable convolution with the bicubic (a = -0.5) or
+triangle kernel stretched by the downscale factor, weights normalised per output pixel and rounded to
+22 fractional bits, each pass rounded and clipped to 8 bits (see `resize` for which pass runs first).
 
 PIL images are resized by Pillow itself (fast; what torchvision calls), uint8 arrays by the numpy
 reference; the tests check the two give the same bytes. Images are converted to RGB before resizing,

@@ -49,7 +49,8 @@ class _Calibration(CalibrationDataReader):
     """(N, 3, H, W) float32 pixels handed to the calibrator in batches."""
 
     def __init__(self, input_name: str, pixels: np.ndarray, batch_size: int = 16):
-        self.batches = iter([{input_name: pixels[s:s + batch_size]} for s in range(0, len(pixels), batch_size)])
+        starts = range(0, len(pixels), batch_size)
+        self.batches = iter([{input_name: pixels[s:s + batch_size]} for s in starts])
 
     def get_next(self):
         return next(self.batches, None)

@@ -26,7 +26,7 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
 
 
 def session(path: str | Path, threads: int | None = None):
-    """An ONNX Runtime CPU session with every graph optimisation on; `threads` intra-op threads (None = all)."""
+    """An ONNX Runtime CPU session, every graph optimisation on; `threads` intra-op threads (None = all)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

@@ -115,7 +115,7 @@ def _clean_kind(tokenizer) -> bool:
 
 
 def save_tokenizer(tokenizer, out_dir: str | Path) -> dict:
-    """Write tokenizer.json for an open_clip / mmft tokenizer; return its manifest entry (see BundleTokenizer)."""
+    """Write tokenizer.json for an open_clip / mmft tokenizer; return its manifest entry (BundleTokenizer)."""
     inner, trim_pad = _unwrap(tokenizer)
     path = Path(out_dir) / TOKENIZER_FILE
     lower = _clean_kind(inner)
@@ -132,8 +132,8 @@ def save_tokenizer(tokenizer, out_dir: str | Path) -> dict:
         raise TokenizerExportError(f"tokenizer {type(inner).__name__} has no Hugging Face fast tokenizer to "
                                    "bundle; mmft bundles open_clip's BPE and Hugging Face fast tokenizers")
     if getattr(inner, "tokenizer_mode", "") or getattr(inner, "strip_sep_token", False):
-        raise TokenizerExportError("Hugging Face tokenizers in 'clips' mode or with strip_sep_token cannot be "
-                                   "bundled")
+        raise TokenizerExportError("Hugging Face tokenizers in 'clips' mode or with strip_sep_token cannot "
+                                   "be bundled")
     backend.save(str(path))
     pad_id = trim_pad if trim_pad is not None else int(hf.pad_token_id or 0)
     return {"file": TOKENIZER_FILE, "family": "huggingface", "lower": lower, "pad_id": pad_id,

@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,7 @@ def _open(bundle_dir: Path, meta: dict, precision: str, threads: int | None = No
 
 
 def _check_parity(bundle_dir: Path, meta: dict, merged, tokenizer, preprocess, images: list) -> dict:
-    """ONNX fp32 vs the merged torch model on a few texts and images; refuse the export below PARITY_MIN_COSINE."""
+    """ONNX fp32 vs the merged torch model on a few texts and images; refuse below PARITY_MIN_COSINE."""
     import torch
 
     b = _open(bundle_dir, meta, "fp32")
@@ -77,7 +78,8 @@ def _check_parity(bundle_dir: Path, meta: dict, merged, tokenizer, preprocess, i
     worst = float(min(cos_t.min(), cos_i.min()))
     if worst < PARITY_MIN_COSINE:
         raise RuntimeError(f"the ONNX encoders disagree with the torch model (row cosine {worst:.5f} < "
-                           f"{PARITY_MIN_COSINE}); the export is refused, please report it with the model config")
+                           f"{PARITY_MIN_COSINE}); the export is refused: please report it with the model "
+                           "config")
     return {"texts": len(SMOKE_TEXTS), "images": len(images), "min_cosine": worst}
 
 
@@ -100,7 +102,8 @@ def _smoke_images(preprocess_cfg: dict, calibration: list) -> list:
 
     rng = np.random.default_rng(0)
     h, w = preprocess_cfg["size"]
-    return [Image.fromarray(rng.integers(0, 256, (h + 17 * i, w + 9 * i, 3), dtype=np.uint8)) for i in range(3)]
+    return [Image.fromarray(rng.integers(0, 256, (h + 17 * i, w + 9 * i, 3), dtype=np.uint8))
+            for i in range(3)]
 
 
 QUANTIZE = {"int8": ("text", "image"), "int8-text": ("text",)}  # --quantize value -> towers made int8
@@ -116,17 +119,103 @@ def _quantize(tmp: Path, files: dict, towers: tuple[str, ...], calibration: list
         out["files"]["text"] = TEXT_INT8
     if "image" in towers:
         if not calibration:
-            raise ValueError("--quantize int8 calibrates the image tower on gallery images: pass --index (its "
-                             "gallery shards) or --calibration SHARDS, or use int8-text")
-        out["image"] = quantize_image(tmp / files["image"], tmp / IMAGE_INT8, preprocess_batch(calibration, pre_cfg))
+            raise ValueError("--quantize int8 calibrates the image tower on gallery images: pass --index "
+                             "(its gallery shards) or --calibration SHARDS, or use int8-text")
+        pixels = preprocess_batch(calibration, pre_cfg)  # (N, 3, H, W)
+        out["image"] = quantize_image(tmp / files["image"], tmp / IMAGE_INT8, pixels)
         out["files"]["image"] = IMAGE_INT8
     return out
 
 
+@dataclass
+class _Export:
+    """One export in progress: the model, the hidden folder being filled and the manifest facts so far."""
+
+    model: object
+    tokenizer: object
+    preprocess: object
+    tmp: Path
+    scale: float | None
+    pre_cfg: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+    calibration: list = field(default_factory=list)
+
+    def open(self, precision: str, threads: int | None = None):
+        return _open(self.tmp, self.meta, precision, threads)
+
+
+def _scale(model, lora_scale: float | None, index_dir) -> float | None:
+    """The LoRA scale to merge: given, else the index's (with an index), else 1.0; None without an adapter."""
+    has_adapter = getattr(model, "mmft_lora", None) is not None
+    if not has_adapter:
+        if lora_scale not in (None, 1.0):
+            raise ValueError(f"--lora-scale {lora_scale} needs a model with an adapter; this one has none")
+        return None
+    if lora_scale is None and index_dir is not None:
+        lora_scale = _index_scale(Path(index_dir))
+    return float(lora_scale if lora_scale is not None else 1.0)
+
+
+def _export_encoders(job: _Export, opset: int, normalize: bool) -> None:
+    """preprocess.json, tokenizer.json, both ONNX towers and the manifest's facts about them."""
+    from mmft import __version__
+    from mmft.bundle.onnx_export import export_towers, merged_copy
+    from mmft.bundle.tokenizer import save_tokenizer
+    from mmft.model.factory import model_identity
+
+    job.pre_cfg = preprocess_config(dict(getattr(job.model.visual, "preprocess_cfg", {})))
+    write_json(job.tmp / PREPROCESS_FILE, job.pre_cfg)
+    tok = save_tokenizer(job.tokenizer, job.tmp)
+    merged = merged_copy(job.model, job.scale)
+    enc = export_towers(merged, job.tmp, image_size=tuple(job.pre_cfg["size"]),
+                        context_length=tok["context_length"], opset=opset, normalize=normalize)
+    enc["files"] = {"fp32": {"image": enc["image"]["file"], "text": enc["text"]["file"]}}
+    enc["default_precision"] = "fp32"
+    has_adapter = getattr(job.model, "mmft_lora", None) is not None
+    job.meta = {"format": BUNDLE_FORMAT, "mmft_version": __version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "base_model": model_identity(job.model),
+                "adapter_sha256": _adapter_digest(job.model) if has_adapter else None,
+                "lora_scale": job.scale,
+                "fingerprint": _fingerprint(job.model, job.scale), "encoders": enc, "tokenizer": tok,
+                "preprocess_file": PREPROCESS_FILE, "index": None, "quantization": None}
+    job.meta["parity_check"] = _check_parity(job.tmp, job.meta, merged, job.tokenizer, job.preprocess,
+                                             _smoke_images(job.pre_cfg, job.calibration))
+
+
+def _add_int8(job: _Export, towers: tuple[str, ...]) -> None:
+    q = _quantize(job.tmp, job.meta["encoders"]["files"]["fp32"], towers, job.calibration, job.pre_cfg)
+    job.meta["encoders"]["files"]["int8"] = q.pop("files")
+    job.meta["encoders"]["default_precision"] = "int8"
+    job.meta["quantization"] = q
+
+
+def _measure(job: _Export, eval_sets: dict, eval_cfg, data_cfg, progress: bool) -> tuple[dict, dict]:
+    """The card's evaluation, ONNX parity and (with int8 encoders) the recall and speed int8 costs."""
+    from mmft.bundle.measure import onnx_comparison, quick_speed, torch_evaluation
+    from mmft.config import EvalConfig
+
+    cfg = eval_cfg or EvalConfig()
+    evaluation = torch_evaluation(job.model, job.tokenizer, job.preprocess, eval_sets, job.scale, cfg,
+                                  data_cfg, progress)
+    bundles = {p: job.open(p) for p in job.meta["encoders"]["files"]}
+    parity, cost = onnx_comparison(job.model, job.scale, bundles, eval_sets, cfg, data_cfg, job.tokenizer,
+                                   job.preprocess, progress)
+    job.meta["parity"] = parity
+    job.meta["evaluation"] = _evaluation_summary(evaluation["report"])
+    q = job.meta["quantization"]
+    if q is not None:
+        q["recall_cost"] = cost
+        threads = os.cpu_count()
+        q["speed"] = quick_speed(job.open("fp32", threads), job.open("int8", threads),
+                                 preprocess_batch(job.calibration[:8], job.pre_cfg), SMOKE_TEXTS)
+    return evaluation, parity
+
+
 def write_bundle(model, tokenizer, preprocess, out_dir: str | Path, *, lora_scale: float | None = None,
-                 quantize: str | None = None, index_dir: str | Path | None = None, eval_sets: dict | None = None,
-                 eval_cfg=None, data_cfg=None, calibration_specs=None, calibration_images: int = 64,
-                 normalize: bool = True, opset: int = 17, run_dir=None, progress: bool = True) -> Path:
+                 quantize: str | None = None, index_dir: str | Path | None = None,
+                 eval_sets: dict | None = None, eval_cfg=None, data_cfg=None, calibration_specs=None,
+                 calibration_images: int = 64, normalize: bool = True, opset: int = 17, run_dir=None,
+                 progress: bool = True) -> Path:
     """Write a bundle for `model` (+ its tokenizer and preprocess_val) to out_dir; see the module docstring.
 
     lora_scale: the fine-tuning delta merged in (default: the index's scale with index_dir, else 1.0).
@@ -134,80 +223,46 @@ def write_bundle(model, tokenizer, preprocess, out_dir: str | Path, *, lora_scal
     eval_sets: {"domain": specs, "general": specs} measured into the card (with eval_cfg, data_cfg).
     calibration_specs: shards the image tower's int8 ranges are calibrated on (default: the index gallery).
     """
-    from mmft import __version__
     from mmft.bundle.card import training_data, write_card
-    from mmft.bundle.onnx_export import export_towers, merged_copy
-    from mmft.bundle.tokenizer import save_tokenizer
-    from mmft.config import EvalConfig
-    from mmft.model.factory import model_identity
 
     if quantize is not None and quantize not in QUANTIZE:
-        raise ValueError(f"--quantize {quantize!r} is not supported; use {' or '.join(QUANTIZE)} or leave it out")
-    has_adapter = getattr(model, "mmft_lora", None) is not None
-    if lora_scale is None and index_dir is not None and has_adapter:
-        lora_scale = _index_scale(Path(index_dir))
-    if not has_adapter and lora_scale not in (None, 1.0):
-        raise ValueError(f"--lora-scale {lora_scale} needs a model with an adapter; this one has none")
-    scale = float(lora_scale if lora_scale is not None else 1.0) if has_adapter else None
-    fingerprint = _fingerprint(model, scale)
+        raise ValueError(f"--quantize {quantize!r} is not supported; use {' or '.join(QUANTIZE)} or leave it "
+                         "out")
+    scale = _scale(model, lora_scale, index_dir)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))  # renamed into place last
+    job = _Export(model, tokenizer, preprocess, tmp, scale)
     try:
-        pre_cfg = preprocess_config(dict(getattr(model.visual, "preprocess_cfg", {})))
-        write_json(tmp / PREPROCESS_FILE, pre_cfg)
-        tok = save_tokenizer(tokenizer, tmp)
-        merged = merged_copy(model, scale)
-        encoders = export_towers(merged, tmp, image_size=tuple(pre_cfg["size"]),
-                                 context_length=tok["context_length"], opset=opset, normalize=normalize)
-        encoders["files"] = {"fp32": {"image": encoders["image"]["file"], "text": encoders["text"]["file"]}}
-        encoders["default_precision"] = "fp32"
-        if calibration_specs is None and index_dir is not None:  # the gallery the index was built from
-            from mmft.index.manifest import read_manifest
-
-            calibration_specs = (read_manifest(Path(index_dir)).get("source") or {}).get("shards")
-        calibration = gallery_images(calibration_specs, calibration_images) if calibration_specs else []
-        meta = {"format": BUNDLE_FORMAT, "mmft_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "base_model": model_identity(model), "adapter_sha256": _adapter_digest(model) if has_adapter else None,
-                "lora_scale": scale, "fingerprint": fingerprint, "encoders": encoders, "tokenizer": tok,
-                "preprocess_file": PREPROCESS_FILE, "index": None, "quantization": None}
-        meta["parity_check"] = _check_parity(tmp, meta, merged, tokenizer, preprocess,
-                                             _smoke_images(pre_cfg, calibration))
-        del merged
+        job.calibration = _calibration(calibration_specs, index_dir, calibration_images)
+        _export_encoders(job, opset, normalize)
         if quantize is not None:
-            q = _quantize(tmp, encoders["files"]["fp32"], QUANTIZE[quantize], calibration, pre_cfg)
-            encoders["files"]["int8"] = q.pop("files")
-            encoders["default_precision"] = "int8"
-            meta["quantization"] = q
+            _add_int8(job, QUANTIZE[quantize])
         if index_dir is not None:
-            meta["index_summary"] = _copy_index(Path(index_dir), tmp / INDEX_DIR, fingerprint)
-            meta["index"] = INDEX_DIR
+            job.meta["index_summary"] = _copy_index(Path(index_dir), job.tmp / INDEX_DIR,
+                                                    job.meta["fingerprint"])
+            job.meta["index"] = INDEX_DIR
         evaluation = parity = None
         if eval_sets:
-            from mmft.bundle.measure import onnx_comparison, quick_speed, torch_evaluation
-
-            cfg = eval_cfg or EvalConfig()
-            evaluation = torch_evaluation(model, tokenizer, preprocess, eval_sets, scale, cfg, data_cfg, progress)
-            bundles = {p: _open(tmp, meta, p) for p in encoders["files"]}
-            parity, cost = onnx_comparison(model, scale, bundles, eval_sets, cfg, data_cfg, tokenizer, preprocess,
-                                           progress)
-            meta["parity"] = parity
-            if meta["quantization"] is not None:
-                meta["quantization"]["recall_cost"] = cost
-                threads = os.cpu_count()
-                meta["quantization"]["speed"] = quick_speed(
-                    _open(tmp, meta, "fp32", threads), _open(tmp, meta, "int8", threads),
-                    preprocess_batch(calibration[:8], pre_cfg), SMOKE_TEXTS)
-            meta["evaluation"] = _evaluation_summary(evaluation["report"])
-        write_card(tmp / CARD_FILE, {**meta, "files": file_table(tmp)}, pre_cfg,
+            evaluation, parity = _measure(job, eval_sets, eval_cfg, data_cfg, progress)
+        write_card(job.tmp / CARD_FILE, {**job.meta, "files": file_table(job.tmp)}, job.pre_cfg,
                    training=training_data(run_dir), evaluation=evaluation, parity=parity)
-        write_manifest(tmp, meta)
-        _replace(tmp, out_dir)
+        write_manifest(job.tmp, job.meta)
+        _replace(job.tmp, out_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(job.tmp, ignore_errors=True)
         raise
     log.info("bundle written: %s", out_dir)
     return out_dir
+
+
+def _calibration(specs, index_dir, n: int) -> list:
+    """Calibration images: from `specs`, else from the shards the index was built from; [] without either."""
+    if specs is None and index_dir is not None:
+        from mmft.index.manifest import read_manifest
+
+        specs = (read_manifest(Path(index_dir)).get("source") or {}).get("shards")
+    return gallery_images(specs, n) if specs else []
 
 
 def _index_scale(index_dir: Path) -> float:
@@ -238,14 +293,15 @@ def _replace(tmp: Path, out_dir: Path) -> None:
     """Move the finished bundle into place; an older bundle there is removed first (manifest first)."""
     if out_dir.exists():
         if not (out_dir / "manifest.json").is_file() and any(out_dir.iterdir()):
-            raise FileExistsError(f"{out_dir} exists and is not an mmft bundle; choose another --out or remove it")
+            raise FileExistsError(f"{out_dir} exists and is not an mmft bundle; choose another --out or "
+                                  "remove it")
         (out_dir / "manifest.json").unlink(missing_ok=True)
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
 
 
 def export_bundle(run_dir: str | Path, out_dir: str | Path, *, adapter: str = "best", **kwargs) -> Path:
-    """`mmft export --format onnx`: load base + adapter from a run directory and write a bundle (see write_bundle).
+    """`mmft export --format onnx`: base + adapter from a run directory written as a bundle (write_bundle).
 
     The evaluation sets come from kwargs["eval_cfg"] (its domain / general shard specs) when given.
     """
