@@ -70,6 +70,14 @@ class RunDir:
         """mined/epoch-XXXX.jsonl: the negatives re-mined before `epoch` (data.remine_every)."""
         return self.path / self.MINED / f"epoch-{epoch:04d}.jsonl"
 
+    def checkpoint(self, step: int) -> Path:
+        """checkpoints/step-XXXXXXXX.pt: the checkpoint written after optimizer step `step`."""
+        return self.checkpoints / f"step-{step:08d}.pt"
+
+    def checkpoint_paths(self) -> list[Path]:
+        """The checkpoints present, oldest first (damaged ones set aside as *.pt.damaged are not listed)."""
+        return sorted(self.checkpoints.glob("step-*.pt"))
+
     def find_adapter(self, which: str = "best") -> Path:
         """The adapter folder to load: "best" (adapter-last/ when the run kept none), "last", or a path."""
         if which not in ADAPTERS:

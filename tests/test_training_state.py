@@ -81,3 +81,157 @@ def test_resume_mid_epoch_over_the_data_stream_is_bit_identical(tmp_path, worker
     assert full.keys() == resumed.keys()
     differ = [k for k in full if not torch.equal(full[k], resumed[k])]
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[0]}"
+
+
+# ---------------------------------------------------------------- checkpoint files
+
+
+def _tiny(out: Path, **train_kw):
+    """A tiny run on in-memory batches (3 an epoch): (cfg, keyword arguments for train)."""
+    from conftest import pair_batches
+
+    from mmft.model.factory import create_model
+
+    kw = {"output_dir": str(out), "steps": 6, "checkpoint_every": 2, "keep_checkpoints": 3, "lr": 2e-3,
+          "warmup_steps": 1, "seed": 0, "loss_impl": "reference"}
+    kw.update(train_kw)
+    cfg = Config(model=ModelConfig(name="tiny-vit", model_cfg=TINY_VIT), train=TrainConfig(**kw))
+    torch.manual_seed(0)
+    model, _, pv, tok = create_model(cfg.model)
+    return cfg, {"train_data": pair_batches(pv, tok, make_pairs(48), 16), "model": model, "tokenizer": tok}
+
+
+def _stop_after_checkpoint(step: int):
+    """A patch of Checkpointer.save that raises Stop right after writing checkpoint `step` (a kill)."""
+    class Stop(Exception):
+        pass
+
+    orig = state_mod.Checkpointer.save
+
+    def save(self, state, at):
+        path = orig(self, state, at)
+        if at == step:
+            raise Stop
+        return path
+
+    return Stop, save
+
+
+def _damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+        return
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:  # flip one byte in the middle of the largest tensor's bytes
+        info = max(archive.infolist(), key=lambda i: ("/data/" in i.filename, i.compress_size))
+    header = 30 + len(info.filename.encode()) + int.from_bytes(data[info.header_offset + 28:][:2], "little")
+    data[info.header_offset + header + info.compress_size // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(tmp_path_factory) -> dict[str, torch.Tensor]:
+    out = tmp_path_factory.mktemp("reference") / "run"
+    cfg, kw = _tiny(out)
+    train(cfg, **kw)
+    return _adapter(out)
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, how, caplog, tiny_reference,
+                                                                 monkeypatch):
+    cfg, kw = _tiny(tmp_path / "run")
+    Stop, save = _stop_after_checkpoint(6)
+    with monkeypatch.context() as m:
+        m.setattr(state_mod.Checkpointer, "save", save)
+        with pytest.raises(Stop):
+            train(cfg, **kw)
+    run = RunDir(cfg.train.output_dir)
+    _damage(run.checkpoint(6), how)
+    cfg, kw = _tiny(tmp_path / "run")
+    with caplog.at_level("WARNING", logger="mmft.training.state"):
+        train(cfg, **kw)
+    assert any("step-00000006.pt is damaged" in r.getMessage() for r in caplog.records)
+    resumes = run.summary()["resumes"]
+    assert [(r["step"], r["from"]) for r in resumes] == [(4, "step-00000004.pt")]
+    assert [s["checkpoint"] for s in resumes[0]["skipped"]] == ["step-00000006.pt"]
+    assert (run.checkpoints / "step-00000006.pt.damaged").is_file()
+    got = _adapter(run.path)
+    assert all(torch.equal(got[k], t) for k, t in tiny_reference.items())
+
+
+def test_a_checkpoint_carrying_a_pickle_payload_is_refused(tmp_path):
+    cfg, kw = _tiny(tmp_path / "run", steps=2)
+    train(cfg, **kw)
+    run = RunDir(cfg.train.output_dir)
+    marker = tmp_path / "payload-ran"
+    saved = state_mod.read_checkpoint(run.checkpoint(2))
+    saved["trainable"] = _Payload(str(marker))  # unpickling it would create `marker`
+    torch.save(saved, run.checkpoint(2))
+    cfg, kw = _tiny(tmp_path / "run", steps=4)
+    with pytest.raises(state_mod.CheckpointError) as e:
+        train(cfg, **kw)
+    message = str(e.value)
+    assert "\n" not in message and str(run.checkpoint(2)) in message and "delete its checkpoints/" in message
+    assert not marker.exists()
+
+
+class _Payload:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+# ---------------------------------------------------------------- write failures
+
+_LIMITED = """
+import resource, sys
+from mmft import cli
+from mmft.training import state
+
+after = int(sys.argv[2])
+orig = state.Checkpointer.save
+
+def save(self, saved, step):  # past checkpoint `after`, no file may grow beyond 4 KiB (as if the disk filled)
+    path = orig(self, saved, step)
+    if step == after:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    return path
+
+state.Checkpointer.save = save
+sys.exit(cli.main(["train", "--config", sys.argv[1]]))
+"""
+
+
+@pytest.mark.parametrize("after, victim", [(2, "checkpoints/step-00000004.pt"), (4, "adapter-last")])
+def test_a_failed_write_stops_in_one_sentence_and_the_run_resumes(tmp_path, after, victim):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from mmft.config import to_dict
+
+    cfg = _stream_cfg(tmp_path / "run", _write_shards(tmp_path / "data"), workers=0, steps=4)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    (tmp_path / "limited.py").write_text(_LIMITED)
+    root = Path(__file__).resolve().parents[1]
+
+    def run(limit_after: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(tmp_path / "limited.py"), str(tmp_path / "cfg.yaml"),
+                               str(limit_after)], capture_output=True, text=True, cwd=root, timeout=600)
+
+    failed = run(after)
+    last = failed.stderr.strip().splitlines()[-1]
+    run_dir = RunDir(cfg.train.output_dir)
+    assert failed.returncode == 2, failed.stderr[-2000:]
+    assert last.startswith(f"mmft train: error: could not write {run_dir.path / victim}: File too large"), last
+    assert state_mod.read_checkpoint(run_dir.checkpoint(after))["step"] == after  # the previous one intact
+    assert not list(run_dir.path.rglob("*.tmp")) and not run_dir.is_complete()
+    again = run(-1)  # space is back
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [r["step"] for r in run_dir.summary()["resumes"]] == [after] and run_dir.summary()["steps"] == 4

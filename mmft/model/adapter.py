@@ -75,13 +75,13 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 def save_adapter(model: torch.nn.Module, out_dir: str | Path) -> Path:
     """Write the adapter of `model` to `out_dir` (both files atomically). Returns the directory."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out_dir = Path(out_dir)
     tensors = adapter_tensors(model)
     state = lora_state(model)
     with atomic_path(out_dir / ADAPTER_WEIGHTS) as tmp:
-        save_file(tensors, str(tmp))
+        tmp.write_bytes(save(tensors))  # a Python write: a full disk raises OSError with its errno
     write_json(out_dir / ADAPTER_CONFIG, {
         "format": FORMAT,
         "mmft_version": __version__,

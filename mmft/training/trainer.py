@@ -36,6 +36,8 @@ from mmft.training.grad_cache import grad_cache_backward
 from mmft.training.optim import autocast_for, lr_lambda, optimizer_step, param_groups
 from mmft.training.remine import maybe_remine
 from mmft.training.state import (
+    START_OVER,
+    CheckpointError,
     Checkpointer,
     RunLog,
     TrainState,
@@ -43,6 +45,7 @@ from mmft.training.state import (
     seed_everything,
     set_rng_state,
     trainable_state,
+    writing,
 )
 from mmft.training.validate import retrieval_recall
 
@@ -209,7 +212,12 @@ def _checkpoint(s: Setup, st: TrainState) -> dict:
 
 def _restore(s: Setup, saved: dict, same_world: bool) -> TrainState:
     """Load a checkpoint into the model, optimizer, scheduler, scaler and RNGs; return its TrainState."""
-    params = dict(s.model.named_parameters())
+    params = {n: p for n, p in s.model.named_parameters() if p.requires_grad}
+    shapes = {n: tuple(t.shape) for n, t in saved["trainable"].items()}
+    if shapes != {n: tuple(p.shape) for n, p in params.items()}:
+        raise CheckpointError(f"the newest checkpoint in {s.run.checkpoints} holds {len(shapes)} trainable "
+                              f"tensors that do not fit this run's {len(params)} (another model or LoRA layout?); "
+                              f"{START_OVER}, or set train.output_dir to a new folder")
     with torch.no_grad():
         for n, t in saved["trainable"].items():
             params[n].copy_(t)
@@ -224,6 +232,19 @@ def _restore(s: Setup, saved: dict, same_world: bool) -> TrainState:
     if s.is_main:
         log.info("resumed from step %d (epoch %d, batch %d)", st.step, st.epoch, st.batch_in_epoch)
     return st
+
+
+def _note_resume(s: Setup, st: TrainState, saved: dict | None) -> None:
+    """Record a resume, and the damaged checkpoints it passed over, for summary.json (rank 0 knows them)."""
+    if s.is_main and (saved is not None or s.ckpt.skipped):
+        st.resumes.append({"step": st.step, "from": s.run.checkpoint(st.step).name if saved else None,
+                           "skipped": s.ckpt.skipped})
+
+
+def _save_adapter(s: Setup, which: str) -> None:
+    path = s.run.adapter(which)
+    with writing(path):
+        save_adapter(s.model, path)
 
 
 def _maybe_checkpoint(s: Setup, st: TrainState, force: bool) -> None:
@@ -252,7 +273,7 @@ def _validate(s: Setup, st: TrainState) -> bool:
     if improved:
         st.best, st.bad_vals = {"score": score, "step": st.step, "metrics": metrics}, 0
         if s.is_main:
-            save_adapter(s.model, s.run.adapter("best"))
+            _save_adapter(s, "best")
     else:
         st.bad_vals += 1
     if s.is_main:
@@ -342,18 +363,24 @@ def _finish(s: Setup, st: TrainState) -> None:
     elapsed = time.perf_counter() - st.t_start
     if s.is_main:
         s.log.close()
-        save_adapter(s.model, s.run.adapter("last"))
+        _save_adapter(s, "last")
         if st.best["step"] is None:
-            save_adapter(s.model, s.run.adapter("best"))
+            _save_adapter(s, "best")
         skipped = getattr(s.train_data, "stats", None)
-        s.run.write_summary({
-            "steps": st.step, "epochs_completed": st.epoch, "loss": st.last_loss, "loss_kind": s.loss_kind,
-            "samples_per_s": st.samples / max(elapsed, 1e-9), "train_seconds": elapsed, "world_size": s.world,
-            "trainable_parameters": s.params.trainable, "total_parameters": s.params.total,
-            "trainable_share": s.params.share, "best": st.best,
-            "skipped": dict(skipped.counts) if skipped is not None else {},
-        })
+        with writing(s.run.summary_path):
+            _write_summary(s, st, elapsed, skipped)
     dist_utils.barrier()
+
+
+def _write_summary(s: Setup, st: TrainState, elapsed: float, skipped) -> None:
+    """summary.json: what the run did, how fast, what it skipped, and how often it was resumed."""
+    s.run.write_summary({
+        "steps": st.step, "epochs_completed": st.epoch, "loss": st.last_loss, "loss_kind": s.loss_kind,
+        "samples_per_s": st.samples / max(elapsed, 1e-9), "train_seconds": elapsed, "world_size": s.world,
+        "trainable_parameters": s.params.trainable, "total_parameters": s.params.total,
+        "trainable_share": s.params.share, "best": st.best,
+        "skipped": dict(skipped.counts) if skipped is not None else {}, "resumes": st.resumes,
+    })
 
 
 # ---------------------------------------------------------------- the recipe
@@ -371,18 +398,22 @@ def train(cfg: Config, *, train_data: Iterable | None = None, val_data: Iterable
     s = _setup(cfg, train_data, val_data, model, tokenizer)
     saved, same_world = _read_checkpoint(s)
     if s.is_main:
-        s.run.write_config(cfg)  # after the checkpoint may have changed accum_steps: the config that runs
+        with writing(s.run.config_path):
+            s.run.write_config(cfg)  # after the checkpoint may have changed accum_steps: the config that runs
     _build_optimizer(s)
     st = _restore(s, saved, same_world) if saved is not None else TrainState()
+    _note_resume(s, st, saved)
     if st.step == 0 and cfg.train.val_every:
         _validate(s, st)  # the starting point's score: the bar every later step must beat
     s.progress = dist_utils.progress(s.total_steps, initial=st.step, enabled=s.is_main)
     train_mode(s.model)
     st.t_start = time.perf_counter()
     done = st.step >= s.total_steps
-    while not done:
-        done = _train_epoch(s, st)
-    s.progress.close()
+    try:
+        while not done:
+            done = _train_epoch(s, st)
+    finally:
+        s.progress.close()  # before any error message, so that the message is the last line a user sees
     if st.last_val != st.step:
         _validate(s, st)
     _finish(s, st)
