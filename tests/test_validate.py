@@ -40,3 +40,23 @@ def test_hand_made_case():
     assert abs(out["t2i_r1"] - 100 * 2 / 3) < 1e-4
     out = recall_from_embeddings(img, txt, owner, torch.tensor([0, 1, 1]), ks=(1,))  # 1 and 2 same class
     assert out["t2i_r1"] == 100.0
+
+
+def test_intervals_hold_the_metric_and_shrink_with_more_queries():
+    """The 95% bootstrap interval contains the point value, is wider on 40 queries than on 640 drawn from
+    the same noisy retrieval, and is about what the binomial spread of a mean of hits predicts."""
+    widths = {}
+    for n in (40, 640):
+        g = torch.Generator().manual_seed(n)
+        img = torch.nn.functional.normalize(torch.randn(n, 16, generator=g), dim=-1)
+        txt = torch.nn.functional.normalize(img + 0.9 * torch.randn(n, 16, generator=g), dim=-1)
+        out = recall_from_embeddings(img, txt, torch.arange(n), ks=(1, 5))
+        assert out["queries"] == {"t2i": n, "i2t": n}
+        for key in ("mean", "mean_r1", "mean_r5"):
+            lo, hi = out[f"{key}_ci95"]
+            assert lo <= out[key] <= hi
+        widths[n] = out["mean_r1_ci95"][1] - out["mean_r1_ci95"][0]
+        p = out["mean_r1"] / 100
+        expect = 2 * 1.96 * 100 * (p * (1 - p) / (2 * n)) ** 0.5  # two directions of n queries each
+        assert 0.6 * expect < widths[n] < 1.6 * expect, (n, widths[n], expect)
+    assert widths[40] > 2.5 * widths[640]
