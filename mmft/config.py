@@ -82,6 +82,8 @@ class DataConfig:
     negatives_per_sample: int = 4  # K, at most the k that was mined
     # Re-mine the negatives with the model being trained every N epochs (into the run directory); 0 = never.
     remine_every: int = 0
+    # Ship augmented images from the workers as uint8; the trainer converts and normalises on its device.
+    uint8_images: bool = False
 
 
 @dataclass

@@ -3,10 +3,15 @@
     tf = make_train_transform(preprocess_val, cfg.data)   # size, mean, std from the preprocess (or the model)
     x = tf(pil_image)                                     # (3, S, S) float, normalised: the reference path
     xb = tf.collate([tf.pixels(im) for im in images])     # (B, 3, S, S): what the data workers do
+    tf.normalize(xb.to(device))                           # with uint8=True (data.uint8_images): on the device
 
 Semantics follow open_clip's training preprocess (RandomResizedCrop with `augment_scale`, bicubic),
 plus an optional horizontal flip and colour jitter. Random draws use torch's global RNG, which the
 training stream swaps for a stream of its own seeded from (seed, epoch, rank, worker).
+
+With `uint8=True` (data.uint8_images) the workers ship the crops as uint8 and the trainer converts and
+normalises them on its device (`normalize`): a quarter of the bytes through the workers' shared memory,
+pinning and the host-to-device copy, and no float pass over the batch on the data side.
 """
 from __future__ import annotations
 
@@ -43,13 +48,15 @@ class TrainTransform:
     """PIL RGB image -> augmented, normalised (3, S, S) float tensor."""
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float],
-                 scale: Sequence[float] = (0.9, 1.0), color_jitter: float = 0.0, hflip: bool = False):
+                 scale: Sequence[float] = (0.9, 1.0), color_jitter: float = 0.0, hflip: bool = False,
+                 uint8: bool = False):
         if not (0 < scale[0] <= scale[1] <= 1):
             raise ValueError(f"augment_scale {list(scale)} must satisfy 0 < min <= max <= 1, e.g. [0.9, 1.0]")
         self.image_size = int(image_size)
         self.scale = (float(scale[0]), float(scale[1]))
         self.hflip = bool(hflip)
         self.color_jitter = float(color_jitter)
+        self.uint8 = bool(uint8)
         self._mean = torch.tensor([float(m) * 255 for m in mean]).view(3, 1, 1)
         self._inv_std = torch.tensor([1 / (float(s) * 255) for s in std]).view(3, 1, 1)
         self._jitter = None
@@ -83,11 +90,17 @@ class TrainTransform:
         return np.asarray(self.augment(image))
 
     def collate(self, pixels: Sequence[np.ndarray]) -> torch.Tensor:
-        """(S, S, 3) uint8 arrays -> (B, 3, S, S) normalised float, one pass per step over the batch."""
+        """(S, S, 3) uint8 arrays -> (B, 3, S, S) normalised float, one pass per step over the batch
+        (with uint8=True: (B, 3, S, S) uint8, for `normalize` on the device)."""
         u8 = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)  # (B, 3, S, S) uint8 view
-        out = _empty_float(u8.shape)
+        out = _empty_float(u8.shape, torch.uint8 if self.uint8 else torch.float32)
         out.copy_(u8)
-        return out.sub_(self._mean).mul_(self._inv_std)  # (B, 3, S, S)
+        return out if self.uint8 else out.sub_(self._mean).mul_(self._inv_std)  # (B, 3, S, S)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (..., 3, S, S) on any device -> normalised float, as collate does without uint8."""
+        mean, inv_std = self._mean.to(images.device), self._inv_std.to(images.device)  # (3, 1, 1)
+        return (images.float() - mean) * inv_std
 
     def __call__(self, image) -> torch.Tensor:
         """The reference path: one image to (3, S, S) float."""
@@ -99,19 +112,20 @@ class TrainTransform:
                 f"color_jitter={self.color_jitter}, hflip={self.hflip})")
 
 
-def _empty_float(shape) -> torch.Tensor:
-    """A float tensor, in shared memory inside a DataLoader worker so the batch is not copied again."""
+def _empty_float(shape, dtype=torch.float32) -> torch.Tensor:
+    """A tensor, in shared memory inside a DataLoader worker so the batch is not copied again."""
     if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape)
+        return torch.empty(shape, dtype=dtype)
     numel = math.prod(shape)
-    storage = torch.empty(0)._typed_storage()._new_shared(numel, device="cpu")
-    return torch.empty(0).new(storage).view(shape)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel, device="cpu")
+    return torch.empty(0, dtype=dtype).new(storage).view(shape)
 
 
 def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float], data_cfg) -> TrainTransform:
     """The training transform for a model input of `image_size` px, honouring data_cfg.augment_*."""
     return TrainTransform(image_size, mean, std, scale=data_cfg.augment_scale,
-                          color_jitter=data_cfg.augment_color_jitter, hflip=data_cfg.augment_hflip)
+                          color_jitter=data_cfg.augment_color_jitter, hflip=data_cfg.augment_hflip,
+                          uint8=getattr(data_cfg, "uint8_images", False))
 
 
 def transform_params(preprocess: Callable) -> tuple[int, tuple, tuple]:

@@ -39,14 +39,21 @@ def has_extras(batch: dict) -> bool:
     return any(k in batch for k in EXTRA_INPUTS)
 
 
-def step_inputs(batch: dict, device: torch.device, use_groups: bool) -> tuple[dict, dict]:
-    """(PairEncoder keyword inputs on `device`, the loss's group keyword arguments) of one batch."""
+def step_inputs(batch: dict, device: torch.device, use_groups: bool, normalize=None) -> tuple[dict, dict]:
+    """(PairEncoder keyword inputs on `device`, the loss's group keyword arguments) of one batch.
+    uint8 images (data.uint8_images) are converted and normalised on `device` by `normalize`."""
     inputs = {"images": batch["image"].to(device, non_blocking=True),  # (B, 3, S, S)
               "texts": batch["text"].to(device, non_blocking=True)}  # (B, L)
     groups = {}
     for key, name in EXTRA_INPUTS.items():
         if key in batch:
             inputs[name] = batch[key].to(device, non_blocking=True)  # (B, K, ...)
+    for name in ("images", "extra_images"):
+        if name in inputs and inputs[name].dtype == torch.uint8:
+            if normalize is None:
+                raise ValueError("the batch holds uint8 images but the trainer has no normalisation for "
+                                 "them; set data.uint8_images=true so that it builds one")
+            inputs[name] = normalize(inputs[name])  # (..., 3, S, S) float
     if has_extras(batch):
         if "group" not in batch:
             raise ValueError("a batch with extra negatives has no 'group' ids; the training stream adds "
@@ -57,6 +64,15 @@ def step_inputs(batch: dict, device: torch.device, use_groups: bool) -> tuple[di
     if "group" in batch and (use_groups or groups):
         groups["group_ids"] = batch["group"].to(device)  # (B,)
     return inputs, groups
+
+
+def device_normalize(data_cfg, preprocess_val, model):
+    """With data.uint8_images: uint8 (..., 3, S, S) -> normalised float, for the trainer's device."""
+    if not data_cfg.uint8_images:
+        return None
+    from mmft.data.augment import make_train_transform
+
+    return make_train_transform(preprocess_val if preprocess_val is not None else model, data_cfg).normalize
 
 
 def as_float(out: dict) -> dict:

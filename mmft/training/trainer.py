@@ -31,7 +31,7 @@ from mmft.model.lora import (
     trainable_summary,
 )
 from mmft.rundir import RunDir
-from mmft.training.forward import PairEncoder, plain_backward, step_inputs
+from mmft.training.forward import PairEncoder, device_normalize, plain_backward, step_inputs
 from mmft.training.grad_cache import grad_cache_backward
 from mmft.training.optim import autocast_for, lr_lambda, optimizer_step, param_groups
 from mmft.training.remine import maybe_remine
@@ -124,6 +124,7 @@ class Setup:
     progress: Any = None
     preprocess_val: Any = None  # the eval image transform (re-mining embeds with it)
     mined_epoch: int = 0  # the epoch whose re-mined negatives the stream holds (0 = data.hard_negatives)
+    normalize: Any = None  # uint8 images -> normalised float on the device (data.uint8_images)
 
     @property
     def is_main(self) -> bool:
@@ -166,11 +167,13 @@ def _setup(cfg: Config, train_data, val_data, model, tokenizer) -> Setup:
         forward_model = HeadOnly(model)
     train_data, val_data = _build_data(cfg, preprocess_val, tokenizer, device, train_data, val_data)
     loss_kind, loss_fn = pick_loss(model, tcfg)
+    normalize = device_normalize(cfg.data, preprocess_val, model)
     return Setup(cfg=cfg, run=run, device=device, rank=rank, world=world, model=model,
                  ddp_model=dist_utils.wrap_ddp(PairEncoder(forward_model), device), tokenizer=tokenizer,
                  train_data=train_data, val_data=val_data, loss_kind=loss_kind, loss_fn=loss_fn,
                  params=params, ckpt=Checkpointer(run, tcfg.keep_checkpoints),
-                 log=RunLog(run, tcfg.tensorboard) if rank == 0 else None, preprocess_val=preprocess_val)
+                 log=RunLog(run, tcfg.tensorboard) if rank == 0 else None, preprocess_val=preprocess_val,
+                 normalize=normalize)
 
 
 def _read_checkpoint(s: Setup) -> tuple[dict | None, bool]:
@@ -291,7 +294,8 @@ def _maybe_validate(s: Setup, st: TrainState) -> bool:
 def _forward_backward(s: Setup, st: TrainState, batch: dict, last_micro: bool) -> torch.Tensor:
     """Loss and gradients of one micro-batch (accumulated into .grad); returns the loss."""
     tcfg = s.cfg.train
-    inputs, groups = step_inputs(batch, s.device, tcfg.use_groups)  # images (B, 3, S, S), texts (B, L), extras
+    # images (B, 3, S, S), texts (B, L), extras (B, K, ...), on the device
+    inputs, groups = step_inputs(batch, s.device, tcfg.use_groups, s.normalize)
 
     def sync(last: bool):
         # DDP all-reduces gradients on the last backward of an accumulation only; the earlier ones add
