@@ -5,10 +5,17 @@ import torch
 from conftest import TINY_VIT
 from torch import nn
 
-from mmft.model.adapter import AdapterMismatchError, adapter_digest, export, load_adapter, load_model, save_adapter
 from mmft.config import LoraConfig, ModelConfig
-from mmft.model.lora import apply_lora, has_adapter, set_lora_scale
+from mmft.model.adapter import (
+    AdapterMismatchError,
+    adapter_digest,
+    export,
+    load_adapter,
+    load_model,
+    save_adapter,
+)
 from mmft.model.factory import create_model
+from mmft.model.lora import apply_lora, has_adapter, set_lora_scale
 
 
 def _tuned(cfg: ModelConfig, seed=0):

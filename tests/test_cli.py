@@ -63,8 +63,8 @@ def test_train_export_index_query(tmp_path, capsys):
     # an index built at another LoRA scale is refused for this run's model
     assert main(["index", "build", "--run", str(run), "--shards", test_shards, "--out", str(tmp_path / "idx0"),
                  "--lora-scale", "0.0"]) == 0
-    from mmft.model.adapter import load_model
     from mmft.index.core import load_index
+    from mmft.model.adapter import load_model
 
     with pytest.raises(Exception, match="LoRA scale|scale"):
         load_index(tmp_path / "idx0", model=load_model(run).model)

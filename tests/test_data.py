@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from mmft.data import stages as st
 from mmft.config import DataConfig
+from mmft.data import stages as st
 from mmft.data.stream import (
     DataError,
     SkipStats,

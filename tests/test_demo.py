@@ -78,10 +78,10 @@ def test_quick_demo_end_to_end(tmp_path):
     assert report["rows"] == saved["rows"]
 
     # tuned text->image R@1 equals what the saved index answers for the domain test captions
-    from mmft.model.adapter import load_model
     from mmft.config import DataConfig
     from mmft.data.stream import eval_loader
     from mmft.index.core import load_index
+    from mmft.model.adapter import load_model
 
     tuned = load_model(out / "domain-lora")
     index = load_index(out / "index", model=tuned.model)

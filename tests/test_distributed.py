@@ -113,8 +113,8 @@ class KeyRecorder:
 
 def train_rank(tmp: str) -> None:
     """One rank: the global-batch run on its slice of each batch, then one epoch over the shards."""
-    from mmft.data import stream as data_mod
     from mmft import distributed as du
+    from mmft.data import stream as data_mod
     train_mod = importlib.import_module("mmft.training.trainer")
 
     torch.set_num_threads(1)
@@ -261,11 +261,11 @@ def _search(index, queries: np.ndarray, k: int = 10):
 
 def test_two_rank_embed_and_merge_give_the_single_process_index(setup, tmp_path):
     """`mmft embed` on 2 ranks + merge: the same ids, rows and neighbours as `build_index_from_run`."""
-    from mmft.model.adapter import load_model
     from mmft.cli import main
     from mmft.config import DataConfig, IndexConfig
-    from mmft.index.distributed import build_index_distributed, merge_index_parts
     from mmft.index.core import build_index_from_run, load_index
+    from mmft.index.distributed import build_index_distributed, merge_index_parts
+    from mmft.model.adapter import load_model
 
     run, shards, parts = setup["run"], setup["shards"], tmp_path / "parts"
     # "--" keeps torchrun from reading --run as an abbreviation of its own --run-path

@@ -8,8 +8,8 @@ from conftest import TINY_VIT
 
 from mmft.config import LoraConfig, ModelConfig
 from mmft.embeddings import Embeddings, EmbeddingsError, embed, encode_images, encode_texts, model_fingerprint
-from mmft.model.lora import apply_lora, set_lora_scale
 from mmft.model.factory import create_model
+from mmft.model.lora import apply_lora, set_lora_scale
 
 TINY = TINY_VIT  # the shared tiny open_clip config (conftest.py)
 

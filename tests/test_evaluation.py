@@ -19,9 +19,9 @@ from mmft.evaluation.core import (
     recommend_scale,
     retrieval_results,
 )
-from mmft.model.lora import apply_lora, get_lora_scale
-from mmft.model.factory import create_model
 from mmft.evaluation.report import markdown
+from mmft.model.factory import create_model
+from mmft.model.lora import apply_lora, get_lora_scale
 
 TINY = TINY_VIT  # the shared tiny open_clip config (conftest.py)
 

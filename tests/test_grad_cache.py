@@ -58,9 +58,9 @@ def _loss(kind):
 def _assert_close(a: dict, b: dict):
     """rtol 1e-4 per element; the absolute floor scales with the tensor (float32 sums of terms ~1e1)."""
     assert a.keys() == b.keys() and any("logit_scale" in n for n in a) and any("lora_A" in n for n in a)
-    for n in a:
+    for n, a_n in a.items():
         atol = 1e-6 * max(1.0, b[n].abs().max().item())
-        torch.testing.assert_close(a[n], b[n], rtol=1e-4, atol=atol, msg=lambda m, n=n: f"{n}: {m}")
+        torch.testing.assert_close(a_n, b[n], rtol=1e-4, atol=atol, msg=lambda m, n=n: f"{n}: {m}")
 
 
 def _no_sync(last):

@@ -6,6 +6,7 @@ from conftest import tiny_timm_hf_config
 from torch import nn
 
 from mmft.config import LoraConfig, LoraTowerConfig, ModelConfig
+from mmft.model.factory import create_model
 from mmft.model.lora import (
     LoRAConv2d,
     LoRALinear,
@@ -20,7 +21,6 @@ from mmft.model.lora import (
     tower_bodies,
     train_mode,
 )
-from mmft.model.factory import create_model
 
 
 def _build(kind, tiny_hf_dir):
@@ -246,8 +246,8 @@ def test_cnn_default_adapts_the_later_half():
 @pytest.mark.parametrize("kind", TOWERS)
 def test_activation_checkpointing_gives_the_same_adapter_gradients_from_fewer_saved_tensors(kind, tiny_hf_dir):
     # Reference: plain backward. Memory path: checkpointed towers. Same LoRA gradients, less kept for backward.
-    from mmft.model.lora import train_mode
     from mmft.model.factory import enable_activation_checkpointing
+    from mmft.model.lora import train_mode
 
     (model, _, _, tok), size = _build(kind, tiny_hf_dir)
     apply_lora(model, LoraConfig())

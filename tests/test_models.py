@@ -126,8 +126,8 @@ def test_trimmed_tokens_give_the_features_of_full_length_tokens():
     # Fast path (batches cut at their longest caption) against the reference (padded to the context
     # length), on mmft-mini's real MiniLM tower with mean pooling, also with LoRA on the text tower.
     from mmft.config import LoraConfig
-    from mmft.model.lora import apply_lora
     from mmft.model.factory import PaddingTrimTokenizer
+    from mmft.model.lora import apply_lora
 
     model, _, _, tokenizer = create_model(ModelConfig())
     assert isinstance(tokenizer, PaddingTrimTokenizer)

@@ -225,9 +225,9 @@ def test_load_model_returns_the_trained_model(tmp_path):
 
 def test_package_level_api_is_the_functions():
     import mmft
-    import mmft.model.adapter  # importing modules must not shadow the public functions of the same pipeline stage
     import mmft.embeddings
     import mmft.evaluation.core
+    import mmft.model.adapter  # importing modules must not shadow the public functions of the same pipeline stage
     import mmft.training.trainer
 
     assert mmft.train is mmft.training.trainer.train and mmft.embed is mmft.embeddings.embed

@@ -223,7 +223,8 @@ def test_a_failed_write_stops_in_one_sentence_and_the_run_resumes(tmp_path, afte
 
     def run(limit_after: int) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, str(tmp_path / "limited.py"), str(tmp_path / "cfg.yaml"),
-                               str(limit_after)], capture_output=True, text=True, cwd=root, timeout=600)
+                               str(limit_after)], capture_output=True, text=True, cwd=root, timeout=600,
+                              check=False)
 
     failed = run(after)
     last = failed.stderr.strip().splitlines()[-1]

@@ -37,8 +37,8 @@ from mmft.training.optim import autocast_for, lr_lambda, optimizer_step, param_g
 from mmft.training.remine import maybe_remine
 from mmft.training.state import (
     START_OVER,
-    CheckpointError,
     Checkpointer,
+    CheckpointError,
     RunLog,
     TrainState,
     rng_state,
