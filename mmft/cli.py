@@ -239,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sp)
     sp.set_defaults(fn=cmd_eval)
 
-    idx = sub.add_parser("index", help="build, query or merge FAISS indexes").add_subparsers(dest="action", required=True)
+    idx_parser = sub.add_parser("index", help="build, query or merge FAISS indexes")
+    idx = idx_parser.add_subparsers(dest="action", required=True)
     sp = idx.add_parser("build", help="embed a gallery with a trained run and save a FAISS index")
     sp.add_argument("--run", required=True)
     sp.add_argument("--shards", required=True, nargs="+", help="gallery shard specs")
@@ -289,18 +290,21 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sp)
     sp.set_defaults(fn=cmd_embed)
 
-    sp = sub.add_parser("export", help="merge the adapter into a plain open_clip state dict, or write an ONNX "
-                        "deployment bundle (--format onnx)")
+    sp = sub.add_parser("export", help="merge the adapter into a plain open_clip state dict, or write an "
+                        "ONNX deployment bundle (--format onnx)")
     sp.add_argument("--run", required=True)
     sp.add_argument("--out", required=True, help="output .pt path (torch) or bundle folder (onnx)")
     sp.add_argument("--adapter", default="best", help="best, last, or an adapter directory")
     sp.add_argument("--lora-scale", type=float, help=SCALE_HELP + "; onnx with --index: the index's scale")
     sp.add_argument("--format", choices=["torch", "onnx"], default="torch",
-                    help="torch: merged state dict; onnx: bundle of ONNX encoders, tokenizer, card (docs/export.md)")
+                    help="torch: merged state dict; onnx: bundle of ONNX encoders, tokenizer, card "
+                         "(docs/export.md)")
     sp.add_argument("--quantize", choices=["int8", "int8-text"],
-                    help="onnx: add int8 encoders, both towers or the text tower only (and make them the default)")
+                    help="onnx: add int8 encoders, both towers or the text tower only "
+                         "(and make them the default)")
     sp.add_argument("--index", help="onnx: copy this index folder (and its thumbnails) into the bundle")
-    sp.add_argument("--eval-config", help="onnx: a config whose eval section names the sets the card measures")
+    sp.add_argument("--eval-config",
+                    help="onnx: a config whose eval section names the sets the card measures")
     sp.add_argument("--calibration", nargs="+", help="onnx --quantize: gallery shards for the image tower's "
                     "int8 ranges (default: the shards the --index was built from)")
     with_config(sp)

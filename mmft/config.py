@@ -53,8 +53,8 @@ class LoraConfig:
     text: LoraTowerConfig = field(default_factory=LoraTowerConfig)
     # Regexes of parameter names trained in full besides the adapters (projections, temperature).
     unfreeze: list[str] = field(
-        default_factory=lambda: ["logit_scale", "logit_bias", r"^visual\.proj$", r"^visual\.head\.", r"^text\.proj",
-                                 r"text_projection"]
+        default_factory=lambda: ["logit_scale", "logit_bias", r"^visual\.proj$", r"^visual\.head\.",
+                                 r"^text\.proj", r"text_projection"]
     )
 
 
@@ -211,7 +211,8 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
 def _build(cls: type, values: dict, prefix: str) -> Any:
     """Instantiate dataclass `cls` from a nested dict, refusing unknown keys and wrong types."""
     if not isinstance(values, dict):
-        raise ConfigError(f"config section '{prefix.rstrip('.') or 'root'}' must be a mapping, got {values!r}")
+        raise ConfigError(f"config section '{prefix.rstrip('.') or 'root'}' must be a mapping, "
+                          f"got {values!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}

@@ -129,7 +129,8 @@ def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float]
 
 
 def transform_params(preprocess: Callable) -> tuple[int, tuple, tuple]:
-    """(image_size, mean, std) read from a torchvision/open_clip Compose (its crop or resize, and Normalize)."""
+    """(image_size, mean, std) read from a torchvision/open_clip Compose (its crop or resize, and
+    Normalize)."""
     from torchvision import transforms as T
 
     steps = getattr(preprocess, "transforms", [preprocess])

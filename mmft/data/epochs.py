@@ -39,7 +39,8 @@ def expand_specs(specs: str | list[str]) -> list[str]:
         paths: list[str] = []
         for path in braceexpand(os.path.expanduser(spec)):
             if os.path.isdir(path):
-                paths += sorted(p for ext in ("tar", "tar.gz", "tgz") for p in glob.glob(os.path.join(path, f"*.{ext}")))
+                paths += sorted(p for ext in ("tar", "tar.gz", "tgz")
+                                for p in glob.glob(os.path.join(path, f"*.{ext}")))
             elif glob.has_magic(path):
                 paths += sorted(glob.glob(path))
             else:
@@ -103,7 +104,8 @@ def shard_sizes(urls: str | list[str]) -> list[int]:
 
 
 def count_samples(urls: str | list[str]) -> int:
-    """Total samples in the shards (sizes.json when present, else tar headers; bad shards count what they hold)."""
+    """Total samples in the shards (sizes.json when present, else tar headers; bad shards count what
+    they hold)."""
     return sum(shard_sizes(urls))
 
 

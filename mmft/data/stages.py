@@ -84,7 +84,8 @@ class SkipStats:
     @property
     def total(self) -> int:
         """Samples dropped (shards and top-up repeats not included)."""
-        return sum(n for r, n in self.counts.items() if r not in ("unreadable_shard", "truncated_shard", "topped_up"))
+        not_samples = ("unreadable_shard", "truncated_shard", "topped_up")
+        return sum(n for r, n in self.counts.items() if r not in not_samples)
 
     def as_dict(self) -> dict[str, int]:
         return dict(sorted(self.counts.items()))
@@ -110,7 +111,8 @@ def unsafe_name(name: str) -> bool:
 
 
 def sample_key(name: str) -> tuple[str | None, str | None]:
-    """'dir/000123.jpg' -> ('dir/000123', 'jpg'); metadata ('__x__') and names without a dot -> (None, None)."""
+    """'dir/000123.jpg' -> ('dir/000123', 'jpg'); metadata ('__x__') and names without a dot ->
+    (None, None)."""
     base = name.rsplit("/", 1)[-1]
     if base.startswith("__") and base.split(".", 1)[0].endswith("__"):
         return None, None
@@ -177,7 +179,8 @@ def take_every(samples: Iterable, every: int, offset: int) -> Iterator:
 
 
 def resampled(urls: Sequence[str], rng: random.Random, stats: SkipStats, name: str = "") -> Iterator[dict]:
-    """Samples of shards drawn with replacement, forever; raises if every shard of the source is unreadable."""
+    """Samples of shards drawn with replacement, forever; raises if every shard of the source is
+    unreadable."""
     dead: set[str] = set()
     alive = False
     while True:
@@ -312,8 +315,8 @@ def decode_image(sample: dict, draft_size: int | None = None):
     return image
 
 
-def decode_samples(samples: Iterable[dict], transform: Callable, stats: SkipStats, *, caption_key: str = "txt",
-                   caption_field: str = "caption", group_field: str = "",
+def decode_samples(samples: Iterable[dict], transform: Callable, stats: SkipStats, *,
+                   caption_key: str = "txt", caption_field: str = "caption", group_field: str = "",
                    draft_size: int | None = None) -> Iterator[dict]:
     """Raw samples -> {"key", "image": transform(RGB image), "captions": list[str], "group": str | None}."""
     for sample in samples:

@@ -25,7 +25,8 @@ def open_shard(url: str):
     return open(url, "rb", buffering=1 << 20)
 
 
-def reference_tar_members(stream, headers_only: bool = False, progress: dict | None = None) -> Iterator[tuple]:
+def reference_tar_members(stream, headers_only: bool = False,
+                          progress: dict | None = None) -> Iterator[tuple]:
     """(name, bytes) of the regular files of a tar stream via tarfile (any compression)."""
     with tarfile.open(fileobj=stream, mode="r|*") as tar:
         for info in tar:
@@ -84,7 +85,8 @@ def _header(block: bytes) -> tuple[bytes, int, bytes]:
     """(name, size, type flag) of a 512-byte header; raises on a bad checksum (not a tar, or garbage)."""
     stored, rest = _number(block[148:156]), block[:148] + block[156:]
     unsigned = sum(rest) + 256  # the checksum field itself counts as 8 spaces
-    if stored != unsigned and stored != unsigned - 256 * sum(b > 127 for b in rest):  # old tars sum signed bytes
+    # old tars sum signed bytes
+    if stored != unsigned and stored != unsigned - 256 * sum(b > 127 for b in rest):
         raise tarfile.ReadError("invalid header")
     name = block[:100].split(b"\0", 1)[0]
     if block[257:262] == b"ustar":
