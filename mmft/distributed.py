@@ -106,7 +106,8 @@ def check_resume_world(saved_world: int, saved_accum: int, world: int, tcfg) -> 
     if global_accum % world:
         raise ValueError(
             f"the checkpoint was written by {saved_world} processes with train.accum_steps={saved_accum}; "
-            f"{world} processes cannot keep that global batch (it needs accum_steps * world_size = {global_accum})"
+            f"{world} processes cannot keep that global batch "
+            f"(it needs accum_steps * world_size = {global_accum})"
         )
     new_accum = global_accum // world
     tcfg.accum_steps = new_accum

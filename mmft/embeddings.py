@@ -117,8 +117,8 @@ def _check_shapes(path: Path, meta: dict, arrays: dict[str, np.ndarray]) -> None
     for name, ok in fits.items():
         if not ok:
             raise EmbeddingsError(f"{path / name}.npy has shape {arrays[name].shape}, which does not fit the "
-                                  f"{n_img} images, {n_cap} captions and dim {dim} that manifest.json records; "
-                                  f"{_FIX}")
+                                  f"{n_img} images, {n_cap} captions and dim {dim} that manifest.json "
+                                  f"records; {_FIX}")
 
 
 def _write_items(out_dir: Path, keys, captions, groups) -> None:
@@ -218,7 +218,8 @@ def encode_texts(model, tokenizer, texts: list[str], *, batch_size: int = 256, d
 
 
 def encode_images(model, images, *, preprocess=None, batch_size: int = 64, device=None) -> np.ndarray:
-    """(N, D) float32 unit vectors of images: a (N, 3, S, S) tensor, or PIL images / file paths + preprocess."""
+    """(N, D) float32 unit vectors of images: a (N, 3, S, S) tensor, or PIL images / file paths +
+    preprocess."""
     device = _device_of(model, device)
     if not torch.is_tensor(images):
         if preprocess is None:
@@ -321,7 +322,8 @@ class _Sink:
 
 
 def _batches(source, data_cfg, preprocess, batch_size: int, num_workers: int | None) -> Iterable[dict]:
-    """Shard specs -> mmft.data.stream.eval_loader; a zero-argument callable -> its result; else the iterable."""
+    """Shard specs -> mmft.data.stream.eval_loader; a zero-argument callable -> its result; else the
+    iterable."""
     if isinstance(source, (str, Path)) or (isinstance(source, (list, tuple)) and source
                                            and all(isinstance(s, (str, Path)) for s in source)):
         if preprocess is None:
@@ -366,7 +368,8 @@ def embed(model: torch.nn.Module, source: Any, *, tokenizer=None, preprocess=Non
             txt = ([] if modality == "image" else
                    list(_encode_token_batches(model, tokenizer, caps, batch_size, device)))
             txt = np.concatenate(txt) if txt else np.zeros((0, img.shape[1]), np.float32)  # (C, D)
-            cap_img = np.repeat(np.arange(len(keys), len(keys) + n_img), [len(cs) for cs in batch["captions"]])
+            cap_img = np.repeat(np.arange(len(keys), len(keys) + n_img),
+                                [len(cs) for cs in batch["captions"]])  # (C,)
             sink.add(img, txt, cap_img.astype(np.int64))
             keys.extend(str(k) for k in batch["key"])
             captions.extend(caps)

@@ -1,10 +1,12 @@
 """`mmft demo`: the offline end-to-end run, a thin script over the ordinary configs and API.
 
 1. build the demo shards (openclipart GENERAL and DOMAIN splits);
-2. align mmft-mini on GENERAL train, towers frozen (mmft/demo/configs/align.yaml) and export it: the frozen baseline;
-3. head-only tuning on DOMAIN train with GENERAL replay (mmft/demo/configs/domain_head.yaml): the row users compare
-   adapters with;
-4. LoRA on both towers on DOMAIN train + GENERAL replay, from the head-only heads (mmft/demo/configs/domain_lora.yaml);
+2. align mmft-mini on GENERAL train, towers frozen (mmft/demo/configs/align.yaml) and export it: the
+   frozen baseline;
+3. head-only tuning on DOMAIN train with GENERAL replay (mmft/demo/configs/domain_head.yaml): the row
+   users compare adapters with;
+4. LoRA on both towers on DOMAIN train + GENERAL replay, from the head-only heads
+   (mmft/demo/configs/domain_lora.yaml);
 5. FAISS indexes of the DOMAIN test gallery with the tuned model and with the frozen base (thumbnails
    beside them), what `mmft serve --config configs/serve.yaml` shows side by side;
 6. baseline vs head-only vs tuned on DOMAIN test and GENERAL test, the LoRA-scale sweep and the tuned model
@@ -23,8 +25,9 @@ from mmft.rundir import RunDir
 
 log = logging.getLogger("mmft.demo.runner")
 DATA_PREFIX, RUNS_PREFIX = "data/demo", "runs/demo"
-QUICK = ["model.image_size=64", "train.epochs=2", "train.steps=0", "train.val_every=0", "train.warmup_steps=1", "data.batch_size=16",
-         "data.num_workers=0", "eval.bootstrap=100", "eval.lora_scales=[0.0, 0.5, 1.0]"]
+QUICK = ["model.image_size=64", "train.epochs=2", "train.steps=0", "train.val_every=0",
+         "train.warmup_steps=1", "data.batch_size=16", "data.num_workers=0", "eval.bootstrap=100",
+         "eval.lora_scales=[0.0, 0.5, 1.0]"]
 QUICK_STAGE = {"domain_lora": ["data.epoch_samples=64"]}  # the replay mixture's declared epoch, cut to size
 
 
@@ -137,7 +140,8 @@ def run_demo(out_dir: str = RUNS_PREFIX, data_dir: str = DATA_PREFIX, configs_di
         out = export_bundle(tuned_run, Path(out_dir) / "bundle", quantize="int8", index_dir=index_dir,
                             eval_cfg=lora_cfg.eval, data_cfg=lora_cfg.data)
         export_bundle(tuned_run, Path(out_dir) / "bundle-base", index_dir=Path(out_dir) / "index-baseline")
-        print(f"bundle: {out} (model card: {out / 'README.md'}); frozen base: {Path(out_dir) / 'bundle-base'}")
+        print(f"bundle: {out} (model card: {out / 'README.md'}); "
+              f"frozen base: {Path(out_dir) / 'bundle-base'}")
     minutes = (time.perf_counter() - t0) / 60
     print("\n" + summary_table(report))
     print(f"\nreport: {report_dir / 'report.md'} (plots beside it); demo took {minutes:.1f} min")
@@ -156,7 +160,8 @@ def serve_command(out_dir: str) -> str:
     rel = os.path.relpath(exe) if exe.is_file() else "mmft"
     cmd = f"{'mmft' if rel.startswith('..') else rel} serve --config configs/serve.yaml"
     if Path(out_dir) != Path(RUNS_PREFIX):
-        paths = {"base.run": "domain-lora", "tenants.tuned.run": "domain-lora", "tenants.tuned.index": "index",
-                 "baseline.index": "index-baseline", "feedback.path": "feedback.jsonl"}
+        paths = {"base.run": "domain-lora", "tenants.tuned.run": "domain-lora",
+                 "tenants.tuned.index": "index", "baseline.index": "index-baseline",
+                 "feedback.path": "feedback.jsonl"}
         cmd += "".join(" " + shlex.quote(f"{k}={Path(out_dir) / v}") for k, v in paths.items())
     return cmd

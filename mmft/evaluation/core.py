@@ -94,7 +94,8 @@ def retrieval_results(emb, ks: list[int], index_cfg: IndexConfig | None = None,
                       relevance: str = "auto") -> dict:
     """{"t2i": ..., "i2t": ...} per-query results (see `direction_results`) of an Embeddings set."""
     if relevance == "auto":
-        relevance = "group" if emb.groups is not None and all(g is not None for g in emb.groups) else "instance"
+        grouped = emb.groups is not None and all(g is not None for g in emb.groups)
+        relevance = "group" if grouped else "instance"
     labels = M.relevance_labels(emb.caption_image, len(emb.keys), emb.groups, relevance)
     image, text = np.asarray(emb.image, np.float32), np.asarray(emb.text, np.float32)
     out = {"t2i": direction_results(text, image, *labels["t2i"], ks, index_cfg),
@@ -185,9 +186,9 @@ class _Embedder:
         key = (set_name, id(model), scale)
         if key not in self.cache:
             with lora_scale(model, scale):
-                self.cache[key] = embed(model, self.sets[set_name], tokenizer=tokenizer, preprocess=preprocess,
-                                        data_cfg=self.data_cfg, batch_size=self.batch_size,
-                                        progress=self.progress)
+                self.cache[key] = embed(model, self.sets[set_name], tokenizer=tokenizer,
+                                        preprocess=preprocess, data_cfg=self.data_cfg,
+                                        batch_size=self.batch_size, progress=self.progress)
         return self.cache[key]
 
 
@@ -229,7 +230,8 @@ def _relevance_for(relevance: str | dict, set_name: str) -> str:
     return relevance.get(set_name, "auto") if isinstance(relevance, dict) else relevance
 
 
-def lora_sweep(model, tokenizer, preprocess, embedder: _Embedder, cfg: EvalConfig, relevance: str | dict) -> dict:
+def lora_sweep(model, tokenizer, preprocess, embedder: _Embedder, cfg: EvalConfig,
+               relevance: str | dict) -> dict:
     """Domain and general recall at each LoRA scale (plus 0), and the recommended scale."""
     points, ks = [], sorted(set(cfg.ks) | {1, 5})  # the score and guard need R@1 and R@5
     for a in sorted(set(cfg.lora_scales) | {0.0}):
@@ -253,9 +255,9 @@ def _set_info(emb, res: dict) -> dict:
     return {"images": len(emb.keys), "captions": len(emb.captions), "relevance": res["relevance"]}
 
 
-def evaluate(model, sets: dict[str, Any], *, tokenizer=None, preprocess=None, eval_cfg: EvalConfig | None = None,
-             index_cfg: IndexConfig | None = None, data_cfg=None, rows: list[EvalRow] | None = None,
-             sweep: bool | None = None,
+def evaluate(model, sets: dict[str, Any], *, tokenizer=None, preprocess=None,
+             eval_cfg: EvalConfig | None = None, index_cfg: IndexConfig | None = None, data_cfg=None,
+             rows: list[EvalRow] | None = None, sweep: bool | None = None,
              relevance: str | dict = "auto", out_dir: str | Path | None = None, seed: int = 0,
              progress: bool = True, info: dict | None = None) -> dict:
     """Score named rows (default: baseline at LoRA scale 0 and tuned at 1) on named sets -> report dict.
@@ -277,7 +279,8 @@ def evaluate(model, sets: dict[str, Any], *, tokenizer=None, preprocess=None, ev
 
     cfg, icfg = eval_cfg or EvalConfig(), index_cfg or IndexConfig()
     if not sets:
-        raise ValueError("evaluate needs at least one named set, e.g. {'domain': ['test-{00000..00003}.tar']}")
+        raise ValueError("evaluate needs at least one named set, "
+                         "e.g. {'domain': ['test-{00000..00003}.tar']}")
     start = time.time()
     rows = rows or _default_rows(model)
     if len({r.name for r in rows}) != len(rows):
@@ -289,19 +292,22 @@ def evaluate(model, sets: dict[str, Any], *, tokenizer=None, preprocess=None, ev
     sweep_report = lora_sweep(model, tokenizer, preprocess, embedder, cfg, relevance) if do_sweep else None
     if sweep_report is not None:
         rows = rows + recommended_rows(rows, sweep_report["recommended_lora_scale"])
-    report: dict = {"mmft_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(info or {}),
+    report: dict = {"mmft_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    **(info or {}),
                     "config": {"ks": list(cfg.ks), "bootstrap": cfg.bootstrap, "factory": None,
                                "index": dataclasses.asdict(icfg),
                                "seed": seed, "ci_level": 0.95, "relevance": relevance,
-                               "lora_scales": list(cfg.lora_scales), "max_general_drop": cfg.max_general_drop},
-                    "model": model_fingerprint(model), "rows": [r.name for r in rows], "sets": {}, "metrics": {},
-                    "deltas": {}, "approximate": {}, "per_group": {}}
+                               "lora_scales": list(cfg.lora_scales),
+                               "max_general_drop": cfg.max_general_drop},
+                    "model": model_fingerprint(model), "rows": [r.name for r in rows], "sets": {},
+                    "metrics": {}, "deltas": {}, "approximate": {}, "per_group": {}}
     factories: set[str] = set()  # what the searches used: the factory depends on the gallery size
     for set_name in sets:
         results = {}
         for row in rows:
             m = row.model if row.model is not None else model
-            emb = embedder(set_name, m, row.tokenizer or tokenizer, row.preprocess or preprocess, row.lora_scale)
+            emb = embedder(set_name, m, row.tokenizer or tokenizer, row.preprocess or preprocess,
+                           row.lora_scale)
             res = retrieval_results(emb, cfg.ks, icfg, _relevance_for(relevance, set_name))
             results[row.name] = res
             factories.update(res[d]["factory"] for d in DIRECTIONS)
@@ -336,10 +342,12 @@ def _run_data_config(run_dir: Path):
     return DataConfig()
 
 
-def evaluate_run(run_dir: str | Path, eval_cfg: EvalConfig | None = None, out_dir: str | Path | None = None, *,
+def evaluate_run(run_dir: str | Path, eval_cfg: EvalConfig | None = None,
+                 out_dir: str | Path | None = None, *,
                  index_cfg: IndexConfig | None = None, data_cfg=None, relevance: str | dict = "auto",
                  seed: int = 0, progress: bool = True) -> dict:
-    """`mmft eval`: load base + adapter from `run_dir`, evaluate on eval_cfg.domain / .general, write the report.
+    """`mmft eval`: load base + adapter from `run_dir`, evaluate on eval_cfg.domain / .general, write the
+    report.
 
     out_dir defaults to run_dir/eval; data_cfg (caption/group fields) defaults to the run's saved config;
     index_cfg: the settings of the index searches go through (see `evaluate`).
