@@ -59,8 +59,8 @@ def _json_type(value: Any) -> str:
             type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def read_json_object(path: str | Path, fields: dict[str, tuple[type, ...]], error: type[Exception] = ValueError,
-                     fix: str = "write it again") -> dict:
+def read_json_object(path: str | Path, fields: dict[str, tuple[type, ...]],
+                     error: type[Exception] = ValueError, fix: str = "write it again") -> dict:
     """The JSON object in `path`, each of `fields` present with one of its Python types (int excludes bool).
 
     Anything else raises `error` with one sentence naming the file, the field and `fix`: a file a reader
@@ -80,6 +80,7 @@ def read_json_object(path: str | Path, fields: dict[str, tuple[type, ...]], erro
         ok = name in data and isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
         if not ok:
             got = "missing" if name not in data else f"a {_json_type(value)} ({str(value)[:40]!r})"
-            want = " or ".join(dict.fromkeys(_json_type(t()) if t is not type(None) else "null" for t in types))
+            want = " or ".join(dict.fromkeys(_json_type(t()) if t is not type(None) else "null"
+                                             for t in types))
             raise error(f"{path}: field '{name}' is {got}, expected {want}; {fix}")
     return data

@@ -169,7 +169,8 @@ def percentile_ci(samples: np.ndarray, level: float = 0.95) -> tuple[float, floa
     return float(lo), float(hi)
 
 
-def bootstrap_ci(values: np.ndarray, n: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(values: np.ndarray, n: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
     """95% (level) percentile bootstrap CI of the mean of per-query values (Q,)."""
     return percentile_ci(bootstrap_means(values, n, seed)[:, 0], level)
 

@@ -46,7 +46,8 @@ def metrics_table(report: dict, set_name: str) -> list[str]:
         cells = _recall_cells(row, cols, signed=True)
         cells.append(f"{row['t2i']['mAP@10']['value']:+.1f} / {row['i2t']['mAP@10']['value']:+.1f}")
         cells.append("")
-        lines.append(f"| **Δ {name} − {first}** | " + " | ".join(f"**{c}**" if c else c for c in cells) + " |")
+        bold = " | ".join(f"**{c}**" if c else c for c in cells)
+        lines.append(f"| **Δ {name} − {first}** | " + bold + " |")
     return lines
 
 
@@ -68,19 +69,22 @@ def summary_table(report: dict) -> str:
 
 
 def per_group_table(per_group: dict) -> list[str]:
-    """Markdown rows: image->text R@1 of each model row per group (with class captions, per-class accuracy)."""
+    """Markdown rows: image->text R@1 of each model row per group (with class captions, per-class
+    accuracy)."""
     groups = list(dict.fromkeys(g for row in per_group.values() for g in row))
     first = next(iter(per_group.values()))
     head = [f"{g} ({first[g]['queries']})" if g in first else g for g in groups]
     lines = ["| row | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for name, row in per_group.items():
-        lines.append(f"| {name} | " + " | ".join(f"{row[g]['R@1']:.1f}" if g in row else "" for g in groups) + " |")
+        cells = " | ".join(f"{row[g]['R@1']:.1f}" if g in row else "" for g in groups)
+        lines.append(f"| {name} | " + cells + " |")
     return lines
 
 
 def sweep_table(sweep: dict) -> list[str]:
     has_general = any(p.get("general") for p in sweep["points"])
-    head = ["LoRA scale", "domain t2i R@1", "domain t2i R@5", "domain i2t R@1", "domain i2t R@5", "domain score"]
+    head = ["LoRA scale", "domain t2i R@1", "domain t2i R@5", "domain i2t R@1", "domain i2t R@5",
+            "domain score"]
     if has_general:
         head += ["general t2i R@5", "general i2t R@5", "general drop", "allowed"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
@@ -118,8 +122,8 @@ def markdown(report: dict, plots: list[str]) -> str:
              f"Search: FAISS `{cfg['factory']}` (inner product on "
              f"unit vectors). Values in points (%); [95% CI]: percentile bootstrap over queries "
              f"({cfg['bootstrap']} resamples, seed {cfg['seed']}); Δ rows resample the same queries for both "
-             "rows (paired). A text query hits when its image is in the top k; an image query hits when any of "
-             "its captions is. Median rank: 1-based rank of the first relevant item.")
+             "rows (paired). A text query hits when its image is in the top k; an image query hits when "
+             "any of its captions is. Median rank: 1-based rank of the first relevant item.")
     out = ["# Retrieval report", "", intro, ""]
     for set_name, info in report["sets"].items():
         title = (f"## {set_name}: {info['images']} images, {info['captions']} captions "
@@ -184,7 +188,8 @@ def plot_sweep(report: dict, path: Path) -> None:
     pts = sweep["points"]
     a = [p["lora_scale"] for p in pts]
     has_general = all(p.get("general") for p in pts)
-    fig, axes = plt.subplots(1, 2 if has_general else 1, figsize=(11 if has_general else 5.5, 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if has_general else 1, figsize=(11 if has_general else 5.5, 4.2),
+                             squeeze=False)
     ax = axes[0][0]
     ax.plot(a, [p["score"] for p in pts], "o-", label="domain: mean R@1/R@5 both ways")
     if has_general:
@@ -205,7 +210,8 @@ def plot_sweep(report: dict, path: Path) -> None:
             if sel:
                 ax.plot([gen[i] for i in sel], [dom[i] for i in sel], marker, color=color, ls="", label=name)
         for g, d, p in zip(gen, dom, pts):
-            ax.annotate(f"α={p['lora_scale']:g}", (g, d), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            ax.annotate(f"α={p['lora_scale']:g}", (g, d), textcoords="offset points", xytext=(5, 4),
+                        fontsize=8)
         best = next(p for p in pts if p["lora_scale"] == sweep["recommended_lora_scale"])
         ax.plot([gen[pts.index(best)]], [best["score"]], "*", ms=16, color="tab:red", label="recommended")
         drop = report["config"].get("max_general_drop", 0)
@@ -234,7 +240,8 @@ def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
     """Write report.json, report.md, recall_bars.png and (with a sweep) lora_sweep.png; return their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "bars": out_dir / "recall_bars.png"}
+    paths = {"json": out_dir / "report.json", "md": out_dir / "report.md",
+             "bars": out_dir / "recall_bars.png"}
     plot_recall_bars(report, paths["bars"])
     if report.get("sweep"):
         paths["sweep"] = out_dir / "lora_sweep.png"

@@ -87,9 +87,10 @@ class Index:
 
         check_fingerprint(self.manifest, model_fingerprint(model), str(self.path or "memory"))
 
-    def search(self, queries: np.ndarray, k: int = 10, *, nprobe: int | None = None, ef_search: int | None = None,
-               batch_size: int = 16_384) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k of each query row (Q, D) -> (scores (Q, k) float32, ids (Q, k) str; '' / -inf past the end)."""
+    def search(self, queries: np.ndarray, k: int = 10, *, nprobe: int | None = None,
+               ef_search: int | None = None, batch_size: int = 16_384) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of each query row (Q, D) -> (scores (Q, k) float32, ids (Q, k) str; '' / -inf past the
+        end)."""
         if nprobe or ef_search:
             set_search_params(self.index, nprobe=nprobe, ef_search=ef_search)
         scores, rows = self.search_rows(queries, k, batch_size=batch_size)
@@ -103,7 +104,8 @@ class Index:
         if queries.shape[1] != self.dim:
             where = self.path or "memory"
             raise ValueError(f"queries have dimension {queries.shape[1]} but the index in {where} "
-                             f"holds {self.dim}-d vectors: embed queries with the model the index was built with")
+                             f"holds {self.dim}-d vectors: embed queries with the model the index was "
+                             "built with")
         k = int(k)
         scores = np.empty((len(queries), k), np.float32)  # (Q, k)
         rows = np.empty((len(queries), k), np.int64)  # (Q, k)
@@ -113,12 +115,14 @@ class Index:
         scores[rows < 0] = -np.inf
         return scores, rows
 
-    def search_text(self, texts: list[str] | str, model, tokenizer, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    def search_text(self, texts: list[str] | str, model, tokenizer,
+                    k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """Embed query texts with `model` (checked against the manifest) and search: (Q, k) scores and ids."""
         from mmft.embeddings import encode_texts
 
         self.check_model(model)
-        return self.search(encode_texts(model, tokenizer, [texts] if isinstance(texts, str) else list(texts)), k)
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return self.search(encode_texts(model, tokenizer, texts), k)
 
     def search_image(self, images, model, preprocess=None, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """Embed query images (tensor, PIL images or paths) with `model` (checked) and search."""
@@ -182,8 +186,9 @@ def _gallery(source, ids, modality: str | None) -> tuple[np.ndarray, np.ndarray,
 
 
 def build_index(source, out_dir: str | Path | None = None, *, ids=None, model=None,
-                index_cfg: IndexConfig | None = None, modality: str | None = None, ef_search: int | None = None,
-                seed: int = 0, progress: bool = False, extra: dict | None = None, queries=None) -> Index:
+                index_cfg: IndexConfig | None = None, modality: str | None = None,
+                ef_search: int | None = None, seed: int = 0, progress: bool = False,
+                extra: dict | None = None, queries=None) -> Index:
     """Build a FAISS index over Embeddings (image rows by default, or modality="text") or vectors (N, D).
 
     The manifest pins the model: taken from the Embeddings, or from `model` for plain vectors (a model
@@ -320,7 +325,8 @@ def build_index_from_model(model, shards, out_dir: str | Path, *, tokenizer=None
 
 def build_index_from_run(run_dir: str | Path, shards, out_dir: str | Path | None = None,
                          index_cfg: IndexConfig | None = None, *, data_cfg=None, modality: str = "image",
-                         batch_size: int = 128, keep_embeddings: bool = False, progress: bool = True) -> Index:
+                         batch_size: int = 128, keep_embeddings: bool = False,
+                         progress: bool = True) -> Index:
     """`mmft index build`: load base + adapter from a training run, embed `shards`, save the index.
 
     out_dir defaults to run_dir/index. The manifest records run_dir so `query_index` can find the model.
@@ -338,12 +344,13 @@ def build_index_from_run(run_dir: str | Path, shards, out_dir: str | Path | None
 
 
 def _model_for(index_dir: Path, manifest: dict, model):
-    """(model, preprocess, tokenizer) from a model triple/object, a run directory, or the manifest's run_dir."""
+    """(model, preprocess, tokenizer) from a model triple/object, a run directory, or the manifest's
+    run_dir."""
     if model is None:
         model = (manifest.get("source") or {}).get("run_dir")
         if model is None:
-            raise ValueError(f"index in {index_dir} records no run directory: pass the run directory or model "
-                             "that built it")
+            raise ValueError(f"index in {index_dir} records no run directory: pass the run directory or "
+                             "model that built it")
     if isinstance(model, (str, Path)):
         from mmft.model.adapter import adapter_digest, load_model
         from mmft.model.lora import has_adapter, set_lora_scale

@@ -137,8 +137,8 @@ def embed_run(run_dir: str | Path, shards, out_dir: str | Path, *, lora_scale: f
         np.save(f, np.concatenate(tags) if tags else np.zeros((0, 2), np.int64))
     info = {"format": PARTS_FORMAT, "rank": rank, "world_size": world, "specs": specs, "shards": urls,
             "read": {"shards": plan[0], "every": plan[1], "offset": plan[2]}, "images": len(emb.keys),
-            "captions": len(emb.captions), "skipped": stats.as_dict(), "run_dir": str(Path(run_dir).resolve()),
-            "lora_scale": lora_scale, "modality": modality}
+            "captions": len(emb.captions), "skipped": stats.as_dict(),
+            "run_dir": str(Path(run_dir).resolve()), "lora_scale": lora_scale, "modality": modality}
     write_json(part / PART_FILE, info)
     dist_utils.barrier()
     if rank == 0:
@@ -214,8 +214,8 @@ class _Parts:
         arrays = [e.image if modality == "image" else e.text for e in self.emb]
         rows = [len(e.keys) if modality == "image" else len(e.captions) for e in self.emb]
         if any(len(a) != n or (n and a.shape[1] == 0) for a, n in zip(arrays, rows)):
-            raise ValueError(f"the parts in {self.dirs[0].parent} hold no {modality} vectors; embed the gallery "
-                             f"with modality 'both' or '{modality}'")
+            raise ValueError(f"the parts in {self.dirs[0].parent} hold no {modality} vectors; embed the "
+                             f"gallery with modality 'both' or '{modality}'")
         keys = [k for e in self.emb for k in e.keys]
         image_ids = [keys[i] for i in self.image_order]  # canonical order
         if modality == "image":
@@ -280,7 +280,8 @@ def merge_index_parts(parts, out_dir: str | Path, index_cfg: IndexConfig | None 
     rows = group.vectors(modality)
     n, dim = len(rows), rows.dim
     if n == 0:
-        raise ValueError(f"the parts in {group.dirs[0].parent} hold no {modality} vectors (an empty gallery?)")
+        raise ValueError(f"the parts in {group.dirs[0].parent} hold no {modality} vectors "
+                         "(an empty gallery?)")
     factory = resolve_factory(cfg.factory, n, cfg.fp16)
     first = group.info[0]
     extra = {"source": {"shards": first["specs"], "run_dir": first["run_dir"]},
@@ -299,8 +300,9 @@ def merge_index_parts(parts, out_dir: str | Path, index_cfg: IndexConfig | None 
     for s in range(0, n, 65_536):
         vectors[s:s + 65_536] = rows.take(np.arange(s, min(n, s + 65_536)))
     empty = np.zeros((0, dim), np.float32)
-    emb = Embeddings(image=vectors if modality == "image" else empty, text=vectors if modality == "text" else empty,
-                     keys=[], captions=[], caption_image=np.zeros(0, np.int64), meta=group.meta)
+    emb = Embeddings(image=vectors if modality == "image" else empty,
+                     text=vectors if modality == "text" else empty, keys=[], captions=[],
+                     caption_image=np.zeros(0, np.int64), meta=group.meta)
     if not cfg.target_recall:  # (a tuned build chooses the factory itself)
         cfg = dataclasses.replace(cfg, factory=factory, fp16=False)  # the factory already says fp16
     return build_index(emb, out_dir, ids=rows.ids, index_cfg=cfg, modality=modality, seed=seed,

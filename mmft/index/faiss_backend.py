@@ -65,7 +65,8 @@ def default_ef_search(factory: str) -> int | None:
 
 
 def apply_fp16(factory: str) -> str:
-    """Store vectors as float16: 'Flat' -> 'SQfp16', 'IVFn,Flat' -> 'IVFn,SQfp16', 'HNSW32' -> 'HNSW32,SQfp16'."""
+    """Store vectors as float16: 'Flat' -> 'SQfp16', 'IVFn,Flat' -> 'IVFn,SQfp16',
+    'HNSW32' -> 'HNSW32,SQfp16'."""
     if factory == "Flat":
         return "SQfp16"
     if factory.endswith(",Flat"):
@@ -113,8 +114,8 @@ def _gpu_wanted(use_gpu: str) -> bool:
         raise ValueError(f"index.use_gpu={use_gpu!r} is not one of 'auto', 'never', 'always'")
     has = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
     if use_gpu == "always" and not has:
-        raise RuntimeError("index.use_gpu='always' but FAISS sees no GPU: install faiss-gpu-cu12 (CUDA 12) or "
-                           "faiss-cuda (CUDA 13) on a GPU machine, or set index.use_gpu=auto")
+        raise RuntimeError("index.use_gpu='always' but FAISS sees no GPU: install faiss-gpu-cu12 "
+                           "(CUDA 12) or faiss-cuda (CUDA 13) on a GPU machine, or set index.use_gpu=auto")
     return has and use_gpu != "never"
 
 
