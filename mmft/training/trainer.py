@@ -219,8 +219,9 @@ def _restore(s: Setup, saved: dict, same_world: bool) -> TrainState:
     shapes = {n: tuple(t.shape) for n, t in saved["trainable"].items()}
     if shapes != {n: tuple(p.shape) for n, p in params.items()}:
         raise CheckpointError(f"the newest checkpoint in {s.run.checkpoints} holds {len(shapes)} trainable "
-                              f"tensors that do not fit this run's {len(params)} (another model or LoRA layout?); "
-                              f"{START_OVER}, or set train.output_dir to a new folder")
+                              f"tensors that do not fit this run's {len(params)} "
+                              f"(another model or LoRA layout?); {START_OVER}, or set train.output_dir to "
+                              "a new folder")
     with torch.no_grad():
         for n, t in saved["trainable"].items():
             params[n].copy_(t)
