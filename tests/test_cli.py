@@ -35,12 +35,14 @@ def _tiny_run(tmp_path) -> Path:
     for i, (img, caption, _) in enumerate(make_pairs(48)):
         img.save(src / f"{i:03d}.png")
         (src / f"{i:03d}.txt").write_text(caption + "\n")
-    assert main(["shards", str(src), str(tmp_path / "shards"), "--splits", "train=0.75,test=0.25", "--quiet"]) == 0
+    assert main(["shards", str(src), str(tmp_path / "shards"), "--splits", "train=0.75,test=0.25",
+                 "--quiet"]) == 0
     torch.manual_seed(0)
     from mmft.config import ModelConfig
     from mmft.model.factory import create_model
 
-    torch.save(create_model(ModelConfig(name="tiny-vit", model_cfg=TINY_VIT))[0].state_dict(), tmp_path / "base.pt")
+    base = create_model(ModelConfig(name="tiny-vit", model_cfg=TINY_VIT))[0]
+    torch.save(base.state_dict(), tmp_path / "base.pt")
     cfg = {"model": {"name": "tiny-vit", "model_cfg": TINY_VIT, "pretrained": str(tmp_path / "base.pt")},
            "data": {"train": [str(tmp_path / "shards" / "train-*.tar")], "batch_size": 8, "num_workers": 0},
            "train": {"output_dir": str(tmp_path / "run"), "steps": 4, "loss_impl": "chunked"}}
@@ -52,17 +54,19 @@ def _tiny_run(tmp_path) -> Path:
 def test_train_export_index_query(tmp_path, capsys):
     run = _tiny_run(tmp_path)
     assert (run / "adapter-last" / "adapter_model.safetensors").is_file()
-    assert main(["export", "--run", str(run), "--out", str(tmp_path / "exp" / "tiny.pt"), "--lora-scale", "0.5"]) == 0
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "exp" / "tiny.pt"),
+                 "--lora-scale", "0.5"]) == 0
     assert (tmp_path / "exp" / "tiny.pt").is_file() and (tmp_path / "exp" / "tiny.json").is_file()
     test_shards = str(tmp_path / "shards" / "test-*.tar")
-    assert main(["index", "build", "--run", str(run), "--shards", test_shards, "--out", str(tmp_path / "idx")]) == 0
+    assert main(["index", "build", "--run", str(run), "--shards", test_shards,
+                 "--out", str(tmp_path / "idx")]) == 0
     capsys.readouterr()
     assert main(["index", "query", str(tmp_path / "idx"), "a red square", "-k", "3"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "a red square" and len(out) == 4  # the query, then three hits
     # an index built at another LoRA scale is refused for this run's model
-    assert main(["index", "build", "--run", str(run), "--shards", test_shards, "--out", str(tmp_path / "idx0"),
-                 "--lora-scale", "0.0"]) == 0
+    assert main(["index", "build", "--run", str(run), "--shards", test_shards,
+                 "--out", str(tmp_path / "idx0"), "--lora-scale", "0.0"]) == 0
     from mmft.index.core import load_index
     from mmft.model.adapter import load_model
 

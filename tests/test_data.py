@@ -52,7 +52,8 @@ def image_bytes(seed: int, fmt: str = "png", size: int = 20) -> bytes:
     return buf.getvalue()
 
 
-def sample(key: str, captions=("a photo",), group: str | None = None, fmt: str = "png", seed: int = 0) -> list:
+def sample(key: str, captions=("a photo",), group: str | None = None, fmt: str = "png",
+           seed: int = 0) -> list:
     """Members of one sample as mmft's writer lays them out: image, .txt (one caption a line), .json."""
     meta = {"caption": list(captions)}
     if group is not None:
@@ -99,7 +100,8 @@ def keys_of(stream) -> list[str]:
 
 
 def test_group_members_and_sample_key():
-    members = [("a/001.jpg", b"i"), ("a/001.TXT", b"t"), ("__meta__", b"m"), ("a/002.json", b"j"), ("noext", b"x")]
+    members = [("a/001.jpg", b"i"), ("a/001.TXT", b"t"), ("__meta__", b"m"), ("a/002.json", b"j"),
+               ("noext", b"x")]
     out = list(st.group_members(members, "u"))
     assert [s["__key__"] for s in out] == ["a/001", "a/002"]
     assert out[0]["jpg"] == b"i" and out[0]["txt"] == b"t" and out[1]["json"] == b"j"
@@ -248,7 +250,8 @@ def test_plan_covers_every_sample_once_with_equal_rank_lengths():
         if sum(sizes) < world * b:
             continue
         urls = [f"u{i}" for i in range(n)]
-        readers, nb = plan_epoch(urls, sizes, seed=1, epoch=2, world_size=world, workers=workers, batch_size=b)
+        readers, nb = plan_epoch(urls, sizes, seed=1, epoch=2, world_size=world, workers=workers,
+                                 batch_size=b)
         seen = []
         for rank in readers:
             assert sum(r.full for r in rank) + sum(r.tail for r in rank) // b == nb
@@ -336,11 +339,14 @@ def test_resampled_mixture_follows_weights(tmp_path):
 
 def test_bad_samples_and_shards_are_skipped_and_counted(tmp_path):
     write_dataset(tmp_path, 2, 12)  # 24 good samples
-    bad = (sample("bad_img") + sample("empty_cap", captions=("",)) + sample("no_txt")[:1] + sample("ok1", seed=5)
-           + [("no_img.txt", b"caption only"), ("latin1.png", image_bytes(1)), ("latin1.txt", b"caf\xe9 \xff")])
+    bad = (sample("bad_img") + sample("empty_cap", captions=("",)) + sample("no_txt")[:1]
+           + sample("ok1", seed=5)
+           + [("no_img.txt", b"caption only"), ("latin1.png", image_bytes(1)),
+              ("latin1.txt", b"caf\xe9 \xff")])
     bad[0] = ("bad_img.png", b"\x89PNG not really an image")
     write_shard(tmp_path / "s-00002.tar", bad)
-    truncated = write_shard(tmp_path / "s-00003.tar", sample("t1", seed=7) + sample("t2", seed=8) + sample("t3", seed=9))
+    truncated = write_shard(tmp_path / "s-00003.tar",
+                            sample("t1", seed=7) + sample("t2", seed=8) + sample("t3", seed=9))
     with tarfile.open(truncated) as tar:
         cut = tar.getmember("t2.png").offset_data + 100
     (tmp_path / "s-00003.tar").write_bytes((tmp_path / "s-00003.tar").read_bytes()[:cut])  # inside t2's image
@@ -391,7 +397,8 @@ def test_train_transform_fast_path_matches_reference():
 
 
 def test_make_train_transform_reads_the_model_preprocess():
-    pre = T.Compose([T.Resize(32), T.CenterCrop(28), T.ToTensor(), T.Normalize((0.1, 0.2, 0.3), (0.5, 0.5, 0.5))])
+    pre = T.Compose([T.Resize(32), T.CenterCrop(28), T.ToTensor(),
+                     T.Normalize((0.1, 0.2, 0.3), (0.5, 0.5, 0.5))])
     tf = make_train_transform(pre, DataConfig(augment_scale=[0.9, 1.0]))
     assert tf.image_size == 28 and tf.scale == (0.9, 1.0)
     out = tf(Image.new("RGB", (40, 30), (255, 0, 0)))
@@ -399,7 +406,8 @@ def test_make_train_transform_reads_the_model_preprocess():
 
 
 def test_count_agrees_with_reader_wherever_a_shard_is_cut(tmp_path):
-    path = write_shard(tmp_path / "full.tar", sample("k1", seed=1) + sample("k2", seed=2) + sample("k3", seed=3))
+    path = write_shard(tmp_path / "full.tar",
+                       sample("k1", seed=1) + sample("k2", seed=2) + sample("k3", seed=3))
     raw = (tmp_path / "full.tar").read_bytes()
     for cut in range(0, len(raw) + 1, 97):
         (tmp_path / "cut.tar").write_bytes(raw[:cut])
@@ -428,7 +436,8 @@ def test_crop_box_stays_inside_and_covers_the_scale_range():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_batches_are_pinned_including_merged_tails(tmp_path):
     write_dataset(tmp_path, 2, 10)  # 2 workers x 10 samples, batch 6: 1 full each + one batch of merged tails
-    stream = train_loader(cfg(tmp_path, num_workers=2, batch_size=6), PREPROCESS, tokenize, device_type="cuda")
+    stream = train_loader(cfg(tmp_path, num_workers=2, batch_size=6), PREPROCESS, tokenize,
+                          device_type="cuda")
     batches = list(stream)
     assert len(batches) == 3 and all(b["image"].is_pinned() and b["text"].is_pinned() for b in batches)
 
@@ -436,7 +445,8 @@ def test_cuda_batches_are_pinned_including_merged_tails(tmp_path):
 def test_make_train_transform_from_an_open_clip_model():
     import open_clip
 
-    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
            "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 16, "heads": 2, "layers": 1}}
     model = open_clip.CLIP(**cfg)
     model.visual.preprocess_cfg = {"size": 32, "mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6)}

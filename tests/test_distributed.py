@@ -39,8 +39,8 @@ def free_port() -> int:
 def rank_env(rank: int, world: int, port: int) -> dict:
     """What torchrun sets for each process (single node)."""
     return {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-            "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
-            "OMP_NUM_THREADS": "1"}
+            "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
 
 
 def spawn_ranks(fn: str, tmp: Path, world: int = WORLD, timeout: float = 240,
@@ -49,7 +49,8 @@ def spawn_ranks(fn: str, tmp: Path, world: int = WORLD, timeout: float = 240,
     port = free_port()
     code = f"import sys; sys.path.insert(0, {str(TESTS)!r}); import {module} as t; t.{fn}(sys.argv[1])"
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp)], env=rank_env(r, world, port),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(world)]
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for r in range(world)]
     errors = [p.communicate(timeout=timeout)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errors)
 
@@ -71,9 +72,11 @@ def save_base(path: Path) -> str:
 
 
 def train_cfg(out: Path, base: str, batch_size: int, **train_kw) -> Config:
-    kw = {"output_dir": str(out), "steps": STEPS, "lr": 2e-3, "warmup_steps": 1, "log_every": 1, "device": "cpu"}
+    kw = {"output_dir": str(out), "steps": STEPS, "lr": 2e-3, "warmup_steps": 1, "log_every": 1,
+          "device": "cpu"}
     kw.update(train_kw)
-    cfg = Config(model=ModelConfig(name="tiny-vit", model_cfg=TINY_VIT, pretrained=base), train=TrainConfig(**kw))
+    cfg = Config(model=ModelConfig(name="tiny-vit", model_cfg=TINY_VIT, pretrained=base),
+                 train=TrainConfig(**kw))
     cfg.data.batch_size = batch_size
     return cfg
 
@@ -180,8 +183,8 @@ def setup(tmp_path_factory, one_thread):
     paths = write_dataset(tmp / "shards", shards=4, per_shard=10)
     cfg = train_cfg(tmp / "run", base, 8, steps=2)
     model, _, preprocess, tok = create_model(cfg.model)
-    importlib.import_module("mmft.training.trainer").train(cfg, train_data=pair_batches(preprocess, tok, make_pairs(16), 8),
-                                                model=model)
+    trainer = importlib.import_module("mmft.training.trainer")
+    trainer.train(cfg, train_data=pair_batches(preprocess, tok, make_pairs(16), 8), model=model)
     return {"base": base, "paths": paths, "shards": str(tmp / "shards" / "s-{00000..00003}.tar"),
             "run": tmp / "run", "preprocess": preprocess, "tok": tok}
 
@@ -217,14 +220,16 @@ def test_two_ranks_train_like_one_process_on_the_global_batch(setup, tmp_path):
     for r in ranks:  # gradient accumulation: micro-steps without all-reduce, the same accumulated gradient
         assert r["no_sync_entered"] == STEPS - 1 and len(r["accum_grads"]) == 1
         for name, g in accum_grads[0].items():
-            torch.testing.assert_close(r["accum_grads"][0][name], g, rtol=1e-4, atol=1e-6, msg=f"accumulated d {name}")
+            torch.testing.assert_close(r["accum_grads"][0][name], g, rtol=1e-4, atol=1e-6,
+                                       msg=f"accumulated d {name}")
 
     assert len(grads) == len(ranks[0]["grads"]) == STEPS
     for s in range(STEPS):
         assert grads[s].keys() == ranks[0]["grads"][s].keys()
         for name, g in grads[s].items():
             for r in ranks:
-                torch.testing.assert_close(r["grads"][s][name], g, rtol=1e-4, atol=1e-6, msg=f"step {s} d {name}")
+                torch.testing.assert_close(r["grads"][s][name], g, rtol=1e-4, atol=1e-6,
+                                           msg=f"step {s} d {name}")
     # AdamW normalises each element's step, so reduction-order noise in near-zero gradients shows up
     # as ~1e-6 in the parameters (the steps themselves are lr = 2e-3).
     for name, p in params.items():
@@ -269,8 +274,8 @@ def test_two_rank_embed_and_merge_give_the_single_process_index(setup, tmp_path)
 
     run, shards, parts = setup["run"], setup["shards"], tmp_path / "parts"
     # "--" keeps torchrun from reading --run as an abbreviation of its own --run-path
-    proc = torchrun(["-m", "mmft", "--", "embed", "--run", str(run), "--shards", shards, "--out", str(parts)], WORLD,
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = torchrun(["-m", "mmft", "--", "embed", "--run", str(run), "--shards", shards, "--out", str(parts)],
+                    WORLD, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     err = proc.communicate(timeout=240)[1]
     assert proc.returncode == 0, err[-3000:]
     manifest = json.loads((parts / "parts.json").read_text())
@@ -295,12 +300,14 @@ def test_two_rank_embed_and_merge_give_the_single_process_index(setup, tmp_path)
         np.testing.assert_array_equal(s_merged, s_single)
         ref = json.loads((tmp_path / f"single-{name}" / "manifest.json").read_text())
         got = json.loads((tmp_path / name / "manifest.json").read_text())
-        for key in ("model", "adapter_sha256", "lora_scale", "factory", "nprobe", "count", "dim", "source"):  # pins
+        pinned = ("model", "adapter_sha256", "lora_scale", "factory", "nprobe", "count", "dim", "source")
+        for key in pinned:
             assert got[key] == ref[key], key
         assert set(got) - {"merged_from", "ondisk"} == set(ref), name  # one manifest for both builders
     assert (tmp_path / "ondisk" / "index.ivfdata").is_file() and "ondisk" in got
     # embed + merge in one call (what `mmft index build` runs under torchrun); here one process, 2 workers
-    built = build_index_distributed(run, shards, tmp_path / "built", IndexConfig(factory="IVF4,Flat", train_sample=24),
+    built = build_index_distributed(run, shards, tmp_path / "built",
+                                    IndexConfig(factory="IVF4,Flat", train_sample=24),
                                     data_cfg=DataConfig(num_workers=2))
     assert not (built / "embeddings").exists()
     assert _search(load_index(built), queries)[1] == _search(load_index(tmp_path / "ivf"), queries)[1]
@@ -312,8 +319,10 @@ def test_two_rank_embed_and_merge_give_the_single_process_index(setup, tmp_path)
     text = merge_index_parts(parts, tmp_path / "text", IndexConfig(factory="Flat"), modality="text")
     single = build_index_from_run(run, shards, tmp_path / "single-text", IndexConfig(factory="Flat"),
                                   data_cfg=one_reader, modality="text", progress=False)
-    assert text.ids.tolist() == single.ids.tolist() and _search(text, queries)[1] == _search(single, queries)[1]
-    assert main(["index", "merge", str(parts / "part-00001"), "--out", str(tmp_path / "bad")]) == 2  # rank 0 missing
+    assert text.ids.tolist() == single.ids.tolist()
+    assert _search(text, queries)[1] == _search(single, queries)[1]
+    # rank 0 missing
+    assert main(["index", "merge", str(parts / "part-00001"), "--out", str(tmp_path / "bad")]) == 2
     assert main(["index", "merge", str(parts), "--out", str(tmp_path / "cli")]) == 0
     assert load_index(tmp_path / "cli").ids.tolist() == load_index(tmp_path / "flat").ids.tolist()
 
@@ -323,7 +332,8 @@ def _write_config(path: Path, setup, out: Path) -> Path:
            "data": {"train": [setup["shards"]], "batch_size": 4, "num_workers": 1},
            "train": {"output_dir": str(out), "lr": 2e-3, "warmup_steps": 1, "log_every": 1, "device": "cpu",
                      "checkpoint_every": 2, "keep_checkpoints": 2}}
-    path.write_text("# torchrun --nproc_per_node 2 -m mmft train --config " + path.name + "\n" + yaml.safe_dump(cfg))
+    command = "# torchrun --nproc_per_node 2 -m mmft train --config " + path.name
+    path.write_text(command + "\n" + yaml.safe_dump(cfg))
     return path
 
 

@@ -49,7 +49,8 @@ def _batches(n, seed, groups=False):
     out = []
     for s in range(0, n, 10):
         idx = range(s, min(n, s + 10))
-        out.append({"image": torch.randn(len(idx), 3, 32, 32, generator=g), "key": [f"{seed}-{i}" for i in idx],
+        out.append({"image": torch.randn(len(idx), 3, 32, 32, generator=g),
+                    "key": [f"{seed}-{i}" for i in idx],
                     "captions": [[f"picture {i}", f"item {i} seen from above"][: 1 + i % 2] for i in idx],
                     "group": [f"class{i % 3}" for i in idx] if groups else None})
     return out
@@ -66,7 +67,8 @@ def test_end_to_end_report_with_baseline_tuned_deltas_and_sweep(tuned, tmp_path)
     saved = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert saved["rows"] == ["baseline", "tuned"] and set(saved["metrics"]) == {"domain", "general"}
     md = (tmp_path / "eval" / "report.md").read_text()
-    assert "| baseline |" in md and "| tuned |" in md and "Δ tuned − baseline" in md and "Recommended LoRA" in md
+    assert "| baseline |" in md and "| tuned |" in md
+    assert "Δ tuned − baseline" in md and "Recommended LoRA" in md
     dom = report["metrics"]["domain"]
     for row in ("baseline", "tuned"):
         for d in ("t2i", "i2t"):
@@ -160,7 +162,8 @@ def test_approximate_factory_reports_recall_lost():
     res = retrieval_results(emb, [1, 5, 10], IndexConfig(factory="IVF256,Flat"))
     loss = approximate_loss(res)
     for d in ("t2i", "i2t"):
-        assert loss[d]["R@10"]["exact"] - loss[d]["R@10"]["approximate"] == pytest.approx(loss[d]["R@10"]["loss"])
+        lost = loss[d]["R@10"]["exact"] - loss[d]["R@10"]["approximate"]
+        assert lost == pytest.approx(loss[d]["R@10"]["loss"])
         assert loss[d]["R@10"]["loss"] > 1  # points lost, a real loss
         assert (res[d]["exact_hits"][10] >= res[d]["hits"][10]).mean() > 0.95  # IVF only finds exact hits
 
@@ -210,7 +213,8 @@ def test_one_shot_iterator_is_refused(tuned):
 
 
 def test_evaluate_run_on_real_shards(tmp_path):
-    """A run directory (config + adapter) and real shards through mmft.data.stream: the path `mmft eval` takes."""
+    """A run directory (config + adapter) and real shards through mmft.data.stream: the path `mmft eval`
+    takes."""
     pytest.importorskip("mmft.data.stream")
     from PIL import Image
 
@@ -229,8 +233,9 @@ def test_evaluate_run_on_real_shards(tmp_path):
     assert report["sets"]["domain"] == {"images": 12, "captions": 24, "relevance": "instance"}
     assert (run / "eval" / "report.md").is_file() and (run / "eval" / "lora_sweep.png").is_file()
     assert json.loads((run / "eval" / "report.json").read_text())["run_dir"] == str(run)
-    direct = evaluate(model, {"domain": shards}, tokenizer=tok, preprocess=preprocess, eval_cfg=ecfg, sweep=False,
-                      progress=False)  # the in-memory model gives the same numbers as the run directory
+    # the in-memory model gives the same numbers as the run directory
+    direct = evaluate(model, {"domain": shards}, tokenizer=tok, preprocess=preprocess, eval_cfg=ecfg,
+                      sweep=False, progress=False)
     for row in ("baseline", "tuned"):
         assert report["metrics"]["domain"][row]["i2t"]["mAP@10"]["value"] == pytest.approx(
             direct["metrics"]["domain"][row]["i2t"]["mAP@10"]["value"])
