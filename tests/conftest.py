@@ -58,7 +58,8 @@ def tiny_timm_hf_config(hf_dir) -> dict:
 
 
 def make_pairs(n: int, size: int = 32, seed: int = 0):
-    """n (PIL image, caption, group) triples: a coloured shape on a grey ground, captioned by colour and shape."""
+    """n (PIL image, caption, group) triples: a coloured shape on a grey ground, captioned by colour and
+    shape."""
     import random
 
     from PIL import Image, ImageDraw
@@ -115,7 +116,8 @@ def adapted_run_dir(tmp_path, seed: int):
     from mmft.rundir import RunDir
 
     torch.manual_seed(seed)
-    torch.save(create_model(ModelConfig(name="tiny-vit", model_cfg=TINY_VIT))[0].state_dict(), tmp_path / "base.pt")
+    base = create_model(ModelConfig(name="tiny-vit", model_cfg=TINY_VIT))[0]
+    torch.save(base.state_dict(), tmp_path / "base.pt")
     mcfg = ModelConfig(name="tiny-vit", model_cfg=TINY_VIT, pretrained=str(tmp_path / "base.pt"))
     model, _, preprocess, tok = create_model(mcfg)
     apply_lora(model, LoraConfig())

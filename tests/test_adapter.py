@@ -58,11 +58,13 @@ def test_adapter_on_wrong_base_is_refused(tmp_path, tiny_vit_cfg):
     save_adapter(model, tmp_path / "ad")
     other = dict(TINY_VIT, embed_dim=16)
     wrong, *_ = create_model(ModelConfig(name="tiny-vit-16", model_cfg=other))
-    with pytest.raises(AdapterMismatchError, match="was trained on base tiny-vit.*but the model is tiny-vit-16"):
+    with pytest.raises(AdapterMismatchError,
+                       match="was trained on base tiny-vit.*but the model is tiny-vit-16"):
         load_adapter(wrong, tmp_path / "ad")
     # same architecture, different weights file: refused by sha256
     torch.save(create_model(tiny_vit_cfg)[0].state_dict(), tmp_path / "other.pt")
-    other_weights, *_ = create_model(ModelConfig(name="tiny-vit", model_cfg=TINY_VIT, pretrained=str(tmp_path / "other.pt")))
+    other_weights, *_ = create_model(ModelConfig(name="tiny-vit", model_cfg=TINY_VIT,
+                                                 pretrained=str(tmp_path / "other.pt")))
     with pytest.raises(AdapterMismatchError, match="pretrained, sha256 differ"):
         load_adapter(other_weights, tmp_path / "ad")
 
@@ -188,7 +190,8 @@ def test_base_checkpoint_with_a_pickle_payload_is_refused_without_running_it(tmp
     state = create_model(ModelConfig(name="tiny-vit", model_cfg=TINY_VIT))[0].state_dict()
     torch.save({**state, "extra": Payload()}, tmp_path / "base.pt")
     cfg = ModelConfig(name="tiny-vit", model_cfg=TINY_VIT, pretrained=str(tmp_path / "base.pt"))
-    with pytest.raises(ModelLoadError, match=r"base\.pt holds pickled Python objects .*weights_only=True") as exn:
+    with pytest.raises(ModelLoadError,
+                       match=r"base\.pt holds pickled Python objects .*weights_only=True") as exn:
         create_model(cfg)
     assert not marker.exists() and "\n" not in str(exn.value)
     torch.save(state, tmp_path / "base.pt")  # the same tensors as a plain state dict load

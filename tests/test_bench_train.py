@@ -1,4 +1,5 @@
-"""tools/bench_train.py: the TSV handed to open_clip, the process-tree monitor, and (slow) one tiny full run."""
+"""tools/bench_train.py: the TSV handed to open_clip, the process-tree monitor, and (slow) one tiny full
+run."""
 from __future__ import annotations
 
 import importlib.util
@@ -59,7 +60,8 @@ def test_tsv_reads_back_as_open_clip_reads_it(bench, tmp_path):
 
 def test_tree_monitor_sees_a_child_allocation_and_cpu(bench):
     code = ("import time, subprocess, sys\n"
-            "p = subprocess.Popen([sys.executable, '-c', 'b = bytearray(300 << 20); b[::4096] = b\"x\" * len(b[::4096]); "
+            "p = subprocess.Popen([sys.executable, '-c', 'b = bytearray(300 << 20); "
+            "b[::4096] = b\"x\" * len(b[::4096]); "
             "import time; time.sleep(1.0)'])\n"
             "t = time.time()\n"
             "while time.time() - t < 0.6: pass\n"
@@ -102,10 +104,12 @@ def test_missing_shards_end_with_one_sentence(bench, tmp_path):
 def test_tiny_run_of_both_trainers(bench, tmp_path, capsys, monkeypatch):
     write_shard(tmp_path / "train-00000.tar", 24)
     write_shard(tmp_path / "test-00000.tar", 10, start=100)
-    monkeypatch.chdir(tmp_path)  # relative shard paths, as typed on a command line; the trainers run elsewhere
+    # relative shard paths, as typed on a command line; the trainers run elsewhere
+    monkeypatch.chdir(tmp_path)
     t0 = time.time()
-    res = bench.main(["--quick", "--shards", "train-*.tar", "--eval-shards", "test-*.tar", "--image-size", "64",
-                      "--batch-size", "8", "--samples", "48", "--skip-steps", "1", "--workers", "1", "--threads", "1"])
+    res = bench.main(["--quick", "--shards", "train-*.tar", "--eval-shards", "test-*.tar",
+                      "--image-size", "64", "--batch-size", "8", "--samples", "48", "--skip-steps", "1",
+                      "--workers", "1", "--threads", "1"])
     assert res["epochs"] == 2 and res["steps_per_epoch"] == 3 and res["samples"] == 48
     oc, mm = res["open_clip"], res["mmft"]
     assert oc["steps"] == mm["steps"] == 6

@@ -1,4 +1,5 @@
-"""A CI-sized `mmft demo`: synthetic clip art through every stage, with the report checked against real searches."""
+"""A CI-sized `mmft demo`: synthetic clip art through every stage, with the report checked against real
+searches."""
 from __future__ import annotations
 
 import json
@@ -31,7 +32,8 @@ def _write_svgs(root: Path) -> None:
             index += 1
             size, pos = 20 + 4 * index, 8 + 3 * (index % 5)
             for color, hex_ in COLORS.items():
-                shape, geom = (("rect", f'x="{pos}" y="{pos}" width="{size}" height="{100 - 2 * pos}"') if index % 2
+                shape, geom = (("rect", f'x="{pos}" y="{pos}" width="{size}" height="{100 - 2 * pos}"')
+                               if index % 2
                                else ("ellipse", f'cx="50" cy="50" rx="{size // 2 + 5}" ry="{45 - pos}"'))
                 path = root / category / f"{color}_{thing}.svg"
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -143,7 +143,8 @@ def test_embed_real_shards_if_the_data_module_exists(tiny, tmp_path):
     make_shards(src, tmp_path / "shards", progress=False)
     model, preprocess, tok = tiny
     specs = [str(p) for p in sorted((tmp_path / "shards").glob("*.tar"))]
-    emb = embed(model, specs, tokenizer=tok, preprocess=preprocess, batch_size=2, num_workers=0, progress=False)
+    emb = embed(model, specs, tokenizer=tok, preprocess=preprocess, batch_size=2, num_workers=0,
+                progress=False)
     assert emb.image.shape == (5, 32) and emb.text.shape == (10, 32)
     assert np.bincount(emb.caption_image).tolist() == [2] * 5
 
@@ -182,9 +183,9 @@ def _damage_embeddings(folder, kind: str) -> None:
         (folder / "manifest.json").write_text(json.dumps({**man, "dim": man["dim"] + 1}))
 
 
-@pytest.mark.parametrize("kind", ["no manifest (interrupted)", "missing array", "truncated array", "pickled array",
-                                  "missing items", "items too short", "manifest field of wrong type",
-                                  "manifest count edited"])
+@pytest.mark.parametrize("kind", ["no manifest (interrupted)", "missing array", "truncated array",
+                                  "pickled array", "missing items", "items too short",
+                                  "manifest field of wrong type", "manifest count edited"])
 def test_partial_or_damaged_embeddings_are_refused_in_one_sentence(tiny, tmp_path, kind):
     model, _, tok = tiny
     embed(model, _batches(), tokenizer=tok, out_dir=tmp_path / "emb", progress=False)

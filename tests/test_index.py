@@ -110,7 +110,8 @@ def test_manifest_records_the_model_and_refuses_a_different_one(tmp_path, tiny):
     emb = embed(model, _batches(), tokenizer=tok, progress=False)
     index = build_index(emb, tmp_path / "ix")
     man = json.loads((tmp_path / "ix" / "manifest.json").read_text())
-    assert man["model"]["name"] == "tiny-vit" and len(man["adapter_sha256"]) == 64 and man["lora_scale"] == 1.0
+    assert man["model"]["name"] == "tiny-vit" and len(man["adapter_sha256"]) == 64
+    assert man["lora_scale"] == 1.0
     assert man["count"] == 23 and man["dim"] == 32 and man["modality"] == "image" and man["factory"] == "Flat"
     load_index(tmp_path / "ix", model=model)  # the same model: accepted
 
@@ -324,9 +325,10 @@ def _damage_index(folder, kind: str) -> None:
     man.write_text(json.dumps(meta))
 
 
-@pytest.mark.parametrize("kind", ["truncated index.faiss", "truncated, sizes edited to match", "missing ids.json",
-                                  "ids.json not a list", "manifest count edited", "manifest field of wrong type",
-                                  "manifest files edited", "manifest not an object"])
+@pytest.mark.parametrize("kind", ["truncated index.faiss", "truncated, sizes edited to match",
+                                  "missing ids.json", "ids.json not a list", "manifest count edited",
+                                  "manifest field of wrong type", "manifest files edited",
+                                  "manifest not an object"])
 def test_damaged_index_folder_is_refused_in_one_sentence_naming_it(tmp_path, kind):
     vectors = _unit(np.random.default_rng(0).standard_normal((300, 16)))
     build_index(vectors, tmp_path / "ix", index_cfg=IndexConfig(factory="IVF4,Flat"))

@@ -244,8 +244,10 @@ def test_cnn_default_adapts_the_later_half():
 
 
 @pytest.mark.parametrize("kind", TOWERS)
-def test_activation_checkpointing_gives_the_same_adapter_gradients_from_fewer_saved_tensors(kind, tiny_hf_dir):
-    # Reference: plain backward. Memory path: checkpointed towers. Same LoRA gradients, less kept for backward.
+def test_activation_checkpointing_gives_the_same_adapter_gradients_from_fewer_saved_tensors(
+        kind, tiny_hf_dir):
+    # Reference: plain backward. Memory path: checkpointed towers. Same LoRA gradients, less kept for
+    # backward.
     from mmft.model.factory import enable_activation_checkpointing
     from mmft.model.lora import train_mode
 

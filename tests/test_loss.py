@@ -1,5 +1,5 @@
-"""mmft.loss.contrastive on CPU: the reference against open_clip and a brute-force loop, the chunked path against
-the reference (loss, d image, d text, d logit_scale, d logit_bias), numerics, dispatch and errors."""
+"""mmft.loss.contrastive on CPU: the reference against open_clip and a brute-force loop, the chunked path
+against the reference (loss, d image, d text, d logit_scale, d logit_bias), numerics, dispatch and errors."""
 from __future__ import annotations
 
 import math
@@ -129,8 +129,10 @@ def brute_force(kind, x, y, s, b, gid):
     if kind == "sigmoid":
         return sum(math.log1p(math.exp(-(1 if i == j else -1) * logit[i][j]))
                    for i in range(n) for j in range(n) if ok[i][j]) / n
-    row = sum(math.log(sum(math.exp(logit[i][j]) for j in range(n) if ok[i][j])) - logit[i][i] for i in range(n))
-    col = sum(math.log(sum(math.exp(logit[i][j]) for i in range(n) if ok[i][j])) - logit[j][j] for j in range(n))
+    row = sum(math.log(sum(math.exp(logit[i][j]) for j in range(n) if ok[i][j])) - logit[i][i]
+              for i in range(n))
+    col = sum(math.log(sum(math.exp(logit[i][j]) for i in range(n) if ok[i][j])) - logit[j][j]
+              for j in range(n))
     return (row + col) / (2 * n)
 
 
@@ -226,7 +228,8 @@ def test_errors_name_the_offending_value(monkeypatch):
 
 
 def test_import_does_not_import_triton():
-    code = "import sys, mmft.loss.contrastive, mmft.loss.kernels; assert 'triton' not in sys.modules, 'triton imported'"
+    code = ("import sys, mmft.loss.contrastive, mmft.loss.kernels; "
+            "assert 'triton' not in sys.modules, 'triton imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 

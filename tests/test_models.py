@@ -68,7 +68,8 @@ def test_identity_records_weights(tmp_path, tiny_vit_cfg):
     assert ident["name"] == "tiny-vit" and ident["arch"]
     path = tmp_path / "w.pt"
     torch.save(model.state_dict(), path)
-    loaded, *_ = create_model(ModelConfig(name="tiny-vit", model_cfg=tiny_vit_cfg.model_cfg, pretrained=str(path)))
+    loaded, *_ = create_model(ModelConfig(name="tiny-vit", model_cfg=tiny_vit_cfg.model_cfg,
+                                          pretrained=str(path)))
     assert model_identity(loaded)["sha256"] and model_identity(loaded)["pretrained"] == "w.pt"
     for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), n
@@ -85,7 +86,8 @@ def test_local_checkpoint_for_builtin_name(tmp_path):
 
 
 def test_timm_and_hf_towers_from_model_config(tiny_hf_dir):
-    model, _, _, tok = create_model(ModelConfig(name="tiny-timm-hf", model_cfg=tiny_timm_hf_config(tiny_hf_dir)))
+    model, _, _, tok = create_model(ModelConfig(name="tiny-timm-hf",
+                                                model_cfg=tiny_timm_hf_config(tiny_hf_dir)))
     with torch.no_grad():
         out = model(torch.randn(2, 3, 224, 224), tok(["a", "b c"]))
     assert out["image_features"].shape == (2, 32)

@@ -168,7 +168,8 @@ def test_head_only_on_cached_features(tmp_path):
 
 @pytest.mark.slow
 def test_killed_process_resumes_from_its_checkpoint(tmp_path):
-    """A real SIGKILL mid-run: the next run continues from the newest checkpoint, which is never half-written."""
+    """A real SIGKILL mid-run: the next run continues from the newest checkpoint, which is never
+    half-written."""
     script = tmp_path / "run.py"
     script.write_text(f"""
 import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
@@ -180,7 +181,8 @@ model, tok, batches, _ = _data(cfg, n=32)
 train(cfg, train_data=batches, model=model, tokenizer=tok)
 """)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent))
-    proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     ckpts = tmp_path / "run" / "checkpoints"
     deadline = time.time() + 120
     while time.time() < deadline and len(list(ckpts.glob("step-*.pt"))) < 2:
@@ -219,15 +221,17 @@ def test_load_model_returns_the_trained_model(tmp_path):
     x, t = torch.randn(2, 3, 32, 32), tok(["a red square", "a blue circle"])
     with torch.no_grad():
         a, b = model(x, t), loaded.model(x, t)
-    assert torch.equal(a["image_features"], b["image_features"]) and torch.equal(a["text_features"], b["text_features"])
+    assert torch.equal(a["image_features"], b["image_features"])
+    assert torch.equal(a["text_features"], b["text_features"])
     assert (run / "adapter-best" / "adapter_config.json").is_file()
 
 
 def test_package_level_api_is_the_functions():
+    # importing modules must not shadow the public functions of the same pipeline stage
     import mmft
     import mmft.embeddings
     import mmft.evaluation.core
-    import mmft.model.adapter  # importing modules must not shadow the public functions of the same pipeline stage
+    import mmft.model.adapter
     import mmft.training.trainer
 
     assert mmft.train is mmft.training.trainer.train and mmft.embed is mmft.embeddings.embed
