@@ -11,6 +11,9 @@ image bytes held in memory, in 1 process and in N processes. The ratio pipeline 
 the pipeline's extra work (crop, normalise, tokenise, collate, IPC, the main process) costs. It is
 given twice: from samples/s (wall clock, noisy on a shared machine) and from CPU time per sample
 (workers + main process against the limit's processes: what throughput would be on idle cores).
+With --uint8 the pipeline also runs with data.uint8_images (uint8 batches from the workers); its row
+includes the conversion and normalisation in the main process, which is what a CPU trainer pays (on a
+GPU that pass runs on the device).
 """
 from __future__ import annotations
 
@@ -155,14 +158,15 @@ def breakdown(spec: str, images: list[bytes], size: int, batch_size: int, tokeni
 
 
 def pipeline_rate(spec: str, repeat: int, workers: int, size: int, batch_size: int, tokenizer,
-                  generic: bool = False) -> tuple[float, float, int, float]:
+                  generic: bool = False, uint8: bool = False) -> tuple[float, float, int, float]:
     """(steady samples/s after the first batch, samples/s with start-up, samples, CPU ms per sample)."""
     from torchvision import transforms as T
 
     from mmft.config import DataConfig
     from mmft.data.stream import train_loader, train_transform
 
-    cfg = DataConfig(train=[spec] * repeat, batch_size=batch_size, num_workers=workers, shuffle_buffer=1000)
+    cfg = DataConfig(train=[spec] * repeat, batch_size=batch_size, num_workers=workers, shuffle_buffer=1000,
+                     uint8_images=uint8)
     if generic:  # what an open_clip preprocess_train costs (per-sample ToTensor + Normalize)
         transform = T.Compose([T.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC),
                                T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
@@ -172,6 +176,8 @@ def pipeline_rate(spec: str, repeat: int, workers: int, size: int, batch_size: i
     start, cpu = time.perf_counter(), _cpu_seconds()
     first, n_first, n = None, 0, 0
     for batch in stream:
+        if uint8:  # what the trainer does with the batch on a CPU device
+            transform.normalize(batch["image"])
         n += len(batch["key"])
         if first is None:
             first, n_first = time.perf_counter(), n
@@ -197,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=2, help="passes over the images per measurement")
     p.add_argument("--rounds", type=int, default=3, help="limit/pipeline pairs per setting (median reported)")
     p.add_argument("--generic", action="store_true", help="also time a plain torchvision preprocess")
+    p.add_argument("--uint8", action="store_true", help="also time uint8 batches (data.uint8_images)")
     args = p.parse_args(argv)
 
     from mmft.data.augment import TrainTransform
@@ -215,14 +222,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.image_size} px, batch {args.batch_size}, tokenizer {tok_name}")
         costs = breakdown(spec, images, args.image_size, args.batch_size, tokenizer)
         print("per-sample cost, 1 process (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in costs.items()))
-        variants = [(False, "mmft TrainTransform")] + ([(True, "torchvision Compose")] if args.generic else [])
+        variants = [("mmft", "mmft TrainTransform")]
+        variants += [("generic", "torchvision Compose")] if args.generic else []
+        variants += [("uint8", "mmft TrainTransform, uint8 batches")] if args.uint8 else []
         for w in workers:  # limit and pipeline side by side, several rounds: the ratio survives a busy machine
-            for generic, name in variants:
+            for mode, name in variants:
                 ratios, cpu_ratios = [], []
                 for r in range(args.rounds):
                     limit, limit_cpu = limit_rate(images, args.image_size, draft, w, args.repeat)
                     steady, total, n, cpu = pipeline_rate(spec, args.repeat, w, args.image_size, args.batch_size,
-                                                          tokenizer, generic)
+                                                          tokenizer, mode == "generic", mode == "uint8")
                     ratios.append(steady / limit)
                     cpu_ratios.append(limit_cpu / cpu)
                     print(f"{w} worker(s), {name}, round {r + 1}: limit (decode+resize, {w} process(es)) "
