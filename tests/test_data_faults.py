@@ -130,7 +130,8 @@ def test_read_shard_without_counting_still_cuts_the_shard_short(tmp_path):
     assert stats.as_dict() == {}
 
 
-@pytest.mark.parametrize("sizes", ['{"s.tar": -3}', '{"s.tar": "12"}', '{"s.tar": true}', '[12]', '{"s.tar": 1'])
+@pytest.mark.parametrize("sizes", ['{"s.tar": -3}', '{"s.tar": "12"}', '{"s.tar": true}', '[12]',
+                                   '{"s.tar": 1'])
 def test_a_bad_sizes_json_is_ignored_with_a_warning_naming_it(tmp_path, caplog, sizes):
     path = write_shard(tmp_path / "s.tar", sample("a", seed=1) + sample("b", seed=2))
     (tmp_path / "sizes.json").write_text(sizes)

@@ -55,6 +55,7 @@ def test_training_on_uint8_batches_reaches_the_same_parameters(tmp_path):
         assert seen == [torch.uint8 if u8 else torch.float32] * 3
         from mmft.model.adapter import load_model
 
-        params.append({n: p.detach().clone() for n, p in load_model(cfg.train.output_dir)[0].named_parameters()})
+        loaded = load_model(cfg.train.output_dir)[0]
+        params.append({n: p.detach().clone() for n, p in loaded.named_parameters()})
     for n, p in params[0].items():
         torch.testing.assert_close(params[1][n], p, rtol=1e-5, atol=1e-6)

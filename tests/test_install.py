@@ -32,7 +32,8 @@ configs = files("mmft.demo") / "configs"
 names = sorted(p.name for p in configs.iterdir() if p.name.endswith(".yaml"))
 for name in names:
     load_config(str(configs / name), [])
-print(json.dumps({"file": mmft.__file__, "sys_path": [os.path.abspath(p) for p in sys.path], "configs": str(configs), "names": names}))
+print(json.dumps({"file": mmft.__file__, "sys_path": [os.path.abspath(p) for p in sys.path],
+                  "configs": str(configs), "names": names}))
 """
 
 

@@ -55,7 +55,8 @@ CASES.update({f"{k}-extreme-scale": make_case(k, torch.float32, scale=100.0, ext
               for k in ("infonce", "sigmoid")})
 CASES.update({f"{k}-local-rows": make_case(k, torch.float32, groups=True, rows=(16, 30), offset=16)
               for k in ("infonce", "sigmoid")})
-CASES["infonce-only-diagonal"] = dict(make_case("infonce", torch.float32), gid=torch.zeros(B, dtype=torch.int64))
+CASES["infonce-only-diagonal"] = dict(make_case("infonce", torch.float32),
+                                      gid=torch.zeros(B, dtype=torch.int64))
 CASES.update({f"{k}-extras-{str(dt)[6:]}-{gr}": make_case(k, dt, gr != "plain", seed=20 + i,
                                                          extras=(M, M + 3), extra_groups=gr == "extra-groups")
               for i, (k, dt, gr) in enumerate((k, dt, gr) for k in ("infonce", "sigmoid")

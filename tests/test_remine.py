@@ -26,7 +26,8 @@ def shards(tmp_path_factory):
     pairs = make_pairs(24, seed=3)
     paths = [write_pairs(tmp / "train-0.tar", pairs[:12]), write_pairs(tmp / "train-1.tar", pairs[12:], 12)]
     torch.manual_seed(0)
-    mined = mine(None, paths, tmp / "mined.jsonl", k=3, model_cfg=ModelConfig(name="tiny-vit", model_cfg=TINY_VIT),
+    mined = mine(None, paths, tmp / "mined.jsonl", k=3,
+                 model_cfg=ModelConfig(name="tiny-vit", model_cfg=TINY_VIT),
                  data_cfg=DataConfig(group_field="group", num_workers=0), progress=False)
     return paths, mined
 

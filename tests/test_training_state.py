@@ -230,7 +230,8 @@ def test_a_failed_write_stops_in_one_sentence_and_the_run_resumes(tmp_path, afte
     last = failed.stderr.strip().splitlines()[-1]
     run_dir = RunDir(cfg.train.output_dir)
     assert failed.returncode == 2, failed.stderr[-2000:]
-    assert last.startswith(f"mmft train: error: could not write {run_dir.path / victim}: File too large"), last
+    want = f"mmft train: error: could not write {run_dir.path / victim}: File too large"
+    assert last.startswith(want), last
     assert state_mod.read_checkpoint(run_dir.checkpoint(after))["step"] == after  # the previous one intact
     assert not list(run_dir.path.rglob("*.tmp")) and not run_dir.is_complete()
     again = run(-1)  # space is back

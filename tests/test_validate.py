@@ -34,7 +34,8 @@ def test_matches_loop_reference_for_instance_and_group_relevance():
 
 def test_hand_made_case():
     img = torch.eye(3)
-    txt = torch.tensor([[1.0, 0, 0], [0, 0, 1], [0, 0, 1]])  # caption 1 belongs to image 1 but looks like image 2
+    # caption 1 belongs to image 1 but looks like image 2
+    txt = torch.tensor([[1.0, 0, 0], [0, 0, 1], [0, 0, 1]])
     owner = torch.tensor([0, 1, 2])
     out = recall_from_embeddings(img, txt, owner, ks=(1,))
     assert abs(out["t2i_r1"] - 100 * 2 / 3) < 1e-4

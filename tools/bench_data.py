@@ -38,18 +38,20 @@ def make_images(n: int, side: int, fmt: str, seed: int = 0) -> list[bytes]:
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
-        base = Image.fromarray(rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)).resize((side, side), Image.BICUBIC)
+        base = Image.fromarray(rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)).resize((side, side),
+                                                                                      Image.BICUBIC)
         pixels = np.asarray(base, dtype=np.int16) + rng.normal(0, 8, (side, side, 3)).astype(np.int16)
         buf = io.BytesIO()
-        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buf, format=fmt.upper().replace("JPG", "JPEG"),
-                                                                   quality=90)
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(
+            buf, format=fmt.upper().replace("JPG", "JPEG"), quality=90)
         out.append(buf.getvalue())
     return out
 
 
 def write_shards(images: list[bytes], fmt: str, out_dir: str, per_shard: int = 250) -> str:
     """img2dataset-style shards (image + one-line .txt caption); returns the brace pattern."""
-    words = ["grey", "woven", "textile", "fabric", "with", "small", "dark", "speckled", "blob", "defect", "diagonal", "streaks", "fine", "even"]
+    words = ["grey", "woven", "textile", "fabric", "with", "small", "dark", "speckled", "blob", "defect",
+             "diagonal", "streaks", "fine", "even"]
     rng = np.random.default_rng(1)
     count = (len(images) + per_shard - 1) // per_shard
     for s in range(count):
@@ -132,8 +134,8 @@ def breakdown(spec: str, images: list[bytes], size: int, batch_size: int, tokeni
     from PIL import Image
 
     from mmft.data import stages as st
-    from mmft.data.stream import expand_specs
     from mmft.data.augment import TrainTransform
+    from mmft.data.stream import expand_specs
 
     torch.set_num_threads(1)
     tf = TrainTransform(size, (0.5,) * 3, (0.5,) * 3)
@@ -141,8 +143,8 @@ def breakdown(spec: str, images: list[bytes], size: int, batch_size: int, tokeni
     decoded = [st.decode_image({"jpg": b}, tf.draft_size) for b in images]
     pixels = [tf.pixels(im) for im in decoded[:batch_size]]
     steps = {
-        "read tar": lambda: sum(1 for _ in itertools.islice(st.read_shards(expand_specs(spec), st.SkipStats()),
-                                                             len(images))),
+        "read tar": lambda: sum(1 for _ in itertools.islice(
+            st.read_shards(expand_specs(spec), st.SkipStats()), len(images))),
         "decode": lambda: [st.decode_image({"jpg": b}, tf.draft_size) for b in images],
         "resize (limit)": lambda: [im.resize((size, size), Image.BICUBIC) for im in decoded],
         "crop+resize+flip (pipeline)": lambda: [tf.pixels(im) for im in decoded],
@@ -168,7 +170,8 @@ def pipeline_rate(spec: str, repeat: int, workers: int, size: int, batch_size: i
     cfg = DataConfig(train=[spec] * repeat, batch_size=batch_size, num_workers=workers, shuffle_buffer=1000,
                      uint8_images=uint8)
     if generic:  # what an open_clip preprocess_train costs (per-sample ToTensor + Normalize)
-        transform = T.Compose([T.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        transform = T.Compose([T.RandomResizedCrop(size, scale=(0.9, 1.0),
+                                                   interpolation=T.InterpolationMode.BICUBIC),
                                T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
     else:
         transform = train_transform(size, (0.5,) * 3, (0.5,) * 3, cfg)
@@ -225,18 +228,20 @@ def main(argv: list[str] | None = None) -> int:
         variants = [("mmft", "mmft TrainTransform")]
         variants += [("generic", "torchvision Compose")] if args.generic else []
         variants += [("uint8", "mmft TrainTransform, uint8 batches")] if args.uint8 else []
-        for w in workers:  # limit and pipeline side by side, several rounds: the ratio survives a busy machine
+        # limit and pipeline side by side, several rounds: the ratio survives a busy machine
+        for w in workers:
             for mode, name in variants:
                 ratios, cpu_ratios = [], []
                 for r in range(args.rounds):
                     limit, limit_cpu = limit_rate(images, args.image_size, draft, w, args.repeat)
-                    steady, total, n, cpu = pipeline_rate(spec, args.repeat, w, args.image_size, args.batch_size,
-                                                          tokenizer, mode == "generic", mode == "uint8")
+                    steady, total, n, cpu = pipeline_rate(spec, args.repeat, w, args.image_size,
+                                                          args.batch_size, tokenizer, mode == "generic",
+                                                          mode == "uint8")
                     ratios.append(steady / limit)
                     cpu_ratios.append(limit_cpu / cpu)
                     print(f"{w} worker(s), {name}, round {r + 1}: limit (decode+resize, {w} process(es)) "
-                          f"{limit:.0f} img/s, {limit_cpu:.2f} CPU ms/img; pipeline {steady:.0f} samples/s steady "
-                          f"({total:.0f}/s with start-up, {n} samples), {cpu:.2f} CPU ms/sample")
+                          f"{limit:.0f} img/s, {limit_cpu:.2f} CPU ms/img; pipeline {steady:.0f} samples/s "
+                          f"steady ({total:.0f}/s with start-up, {n} samples), {cpu:.2f} CPU ms/sample")
                 print(f"==> {w} worker(s), {name}: pipeline / limit, samples/s: median {_median(ratios):.0%} "
                       f"(min {min(ratios):.0%}, max {max(ratios):.0%}); CPU time per sample: median "
                       f"{_median(cpu_ratios):.0%} (min {min(cpu_ratios):.0%}, max {max(cpu_ratios):.0%})")

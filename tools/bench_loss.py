@@ -196,7 +196,8 @@ def configs(args) -> list[dict]:
             for d in dims:
                 for n in sizes:
                     for impl in impls:
-                        if impl in ("open_clip", "reference") and args.skip_peers_above and n > args.skip_peers_above:
+                        peer = impl in ("open_clip", "reference")
+                        if peer and args.skip_peers_above and n > args.skip_peers_above:
                             continue
                         out += [{"device": dev, "dtype": dt, "kind": kind, "impl": impl, "B": n, "D": d,
                                  "repeat": args.repeat} for dt in dtypes]
@@ -206,8 +207,10 @@ def configs(args) -> list[dict]:
 
 
 def table(rows: list[tuple[dict, dict]]) -> str:
-    peers = {(c["device"], c["dtype"], c["kind"], c["B"], c["D"]): r for c, r in rows if c["impl"] == "open_clip"}
-    header = "| loss | device | dtype | B | D | impl | fwd+bwd (s) | CPU time (s) | extra peak (MB) | time vs peer |"
+    peers = {(c["device"], c["dtype"], c["kind"], c["B"], c["D"]): r
+             for c, r in rows if c["impl"] == "open_clip"}
+    header = ("| loss | device | dtype | B | D | impl | fwd+bwd (s) | CPU time (s) | extra peak (MB) "
+              "| time vs peer |")
     lines = [header, "|---|---|---|---:|---:|---|---:|---:|---:|---:|"]
     for c, r in rows:
         name = PEER[c["kind"]] if c["impl"] == "open_clip" else c["impl"]

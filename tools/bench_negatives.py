@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|---:|---:|---:|")
         ref = None
         for name, k, cache, m in rows:
-            rate, cpu = stream_rate(spec, args.workers, args.image_size, args.batch_size, tokenizer, m, max(k, 1),
-                                    cache, args.epochs)
+            rate, cpu = stream_rate(spec, args.workers, args.image_size, args.batch_size, tokenizer, m,
+                                    max(k, 1), cache, args.epochs)
             ref = ref or rate
             print(f"| {name} | {rate:.0f} | {cpu:.2f} | {ref / rate:.2f}x |", flush=True)
     return 0

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Screenshot of the `mmft serve` page for a query: serve a config on loopback, type the query in Chromium.
+r"""Screenshot of the `mmft serve` page for a query: serve a config on loopback, type the query in Chromium.
 
-    python tools/serve_screenshot.py --config configs/serve.yaml --query "a red apple" --out docs/serve-page.png
+    python tools/serve_screenshot.py --config configs/serve.yaml --query "a red apple" \
+        --out docs/serve-page.png
 
 Runs the app in this process (uvicorn on 127.0.0.1, a free port), drives Debian's Chromium with
 Playwright like tests/test_serve_page.py, waits (bounded) for both columns and their thumbnails, and
