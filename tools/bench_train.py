@@ -23,7 +23,8 @@ Measured the same way for both:
   of the summed VmRSS (double-counts pages the forked workers share with the trainer), the peak of the
   summed PSS (shared pages split between processes, polled every 1 s), and the trainer's own VmHWM.
 - domain recall after training: text->image and image->text R@1/R@5 on the eval shards with
-  mmft.training.validate.retrieval_recall, for the untrained base, open_clip's final checkpoint and mmft's adapter.
+  mmft.training.validate.retrieval_recall, for the untrained base, open_clip's final checkpoint and mmft's
+  adapter.
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = "data/demo/openclipart/domain"
-TARGET_SPEED, TARGET_MEMORY = 1.5, 0.6  # mmft / open_clip: at least 1.5x the samples/s, at most 0.6x the memory
+# mmft / open_clip: at least 1.5x the samples/s, at most 0.6x the memory
+TARGET_SPEED, TARGET_MEMORY = 1.5, 0.6
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -89,7 +91,8 @@ def child_mmft(spec: dict) -> dict:
 
     cfg = load_config(None, spec.get("mmft_set", []))  # the defaults, or a recipe variant to compare
     cfg.model = ModelConfig(name="mmft-mini", image_size=spec["image_size"], pretrained=spec["base"])
-    cfg.data.train, cfg.data.batch_size, cfg.data.num_workers = spec["shards"], spec["batch_size"], spec["workers"]
+    cfg.data.train, cfg.data.batch_size = spec["shards"], spec["batch_size"]
+    cfg.data.num_workers = spec["workers"]
     t = cfg.train
     t.output_dir, t.steps, t.precision, t.device = spec["run_dir"], spec["steps"], "fp32", "cpu"
     t.lr, t.warmup_steps, t.log_every, t.resume, t.seed = spec["lr"], spec["warmup"], 1, False, 0
@@ -138,8 +141,8 @@ def _proc_numbers(pid: int, pss: bool) -> tuple[int, float, int]:
                     if line.startswith("VmRSS:")), 0)
         pss_kb = 0
         if pss:
-            pss_kb = next((int(line.split()[1]) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
-                           if line.startswith("Pss:")), 0)
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+            pss_kb = next((int(line.split()[1]) for line in rollup if line.startswith("Pss:")), 0)
         return rss, cpu, pss_kb
     except (OSError, IndexError, ValueError):
         return 0, 0.0, 0
@@ -197,10 +200,11 @@ def run_child(role: str, spec: dict, work: Path) -> dict:
         mon.join()
     if rc != 0:
         tail = (work / f"{role}.log").read_text()[-3000:]
-        raise RuntimeError(f"the {role} trainer failed (exit {rc}); last lines of {work / (role + '.log')}:\n{tail}")
+        raise RuntimeError(f"the {role} trainer failed (exit {rc}); last lines of "
+                           f"{work / (role + '.log')}:\n{tail}")
     res = json.loads(Path(spec["result"]).read_text())
-    res.update(peak_rss_kb=mon.peak_rss_kb, peak_pss_kb=mon.peak_pss_kb, peak_workers_pss_kb=mon.peak_workers_pss_kb,
-               load_before=load)
+    res.update(peak_rss_kb=mon.peak_rss_kb, peak_pss_kb=mon.peak_pss_kb,
+               peak_workers_pss_kb=mon.peak_workers_pss_kb, load_before=load)
     return steady(res, mon, spec["batch_size"], spec["skip_steps"])
 
 
@@ -220,7 +224,8 @@ def steady(res: dict, mon: TreeMonitor, batch: int, skip: int) -> dict:
 
 
 def write_tsv(shards: list[str], out_dir: Path) -> tuple[Path, int]:
-    """Extract the shards' images and write open_clip's TSV (filepath, title = first caption). -> (tsv, rows)."""
+    """Extract the shards' images and write open_clip's TSV (filepath, title = first caption).
+    -> (tsv, rows)."""
     from mmft.data import stages as st
 
     img_dir = out_dir / "images"
@@ -245,7 +250,8 @@ def write_tsv(shards: list[str], out_dir: Path) -> tuple[Path, int]:
 
 
 def export_base(image_size: int, path: Path) -> int:
-    """Save a fresh mmft-mini (packaged towers, seeded projections) as a plain state dict. -> parameter count."""
+    """Save a fresh mmft-mini (packaged towers, seeded projections) as a plain state dict.
+    -> parameter count."""
     import torch
 
     from mmft.config import ModelConfig
@@ -258,14 +264,18 @@ def export_base(image_size: int, path: Path) -> int:
 
 
 def open_clip_argv(a, tsv: Path, base: Path, epochs: int, logs: Path) -> list[str]:
-    """open_clip_train.main arguments matching mmft's run: full fine-tuning, fp32, CPU, same optimizer knobs."""
+    """open_clip_train.main arguments matching mmft's run: full fine-tuning, fp32, CPU, same optimizer
+    knobs."""
     return ["--model", "mmft-mini", "--pretrained", str(base), "--train-data", str(tsv),
-            "--dataset-type", "csv", "--csv-separator", "\t", "--csv-img-key", "filepath", "--csv-caption-key", "title",
+            "--dataset-type", "csv", "--csv-separator", "\t", "--csv-img-key", "filepath",
+            "--csv-caption-key", "title",
             "--batch-size", str(a.batch_size), "--workers", str(a.workers), "--epochs", str(epochs),
-            "--lr", str(a.oc_lr), "--warmup", str(a.warmup), "--wd", "0.1", "--beta1", "0.9", "--beta2", "0.98",
+            "--lr", str(a.oc_lr), "--warmup", str(a.warmup), "--wd", "0.1", "--beta1", "0.9",
+            "--beta2", "0.98",
             "--eps", "1e-6", "--grad-clip-norm", "1.0", "--precision", "fp32", "--device", "cpu",
             "--image-mean", "0.5", "0.5", "0.5", "--image-std", "0.5", "0.5", "0.5",
-            "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0", "--log-every-n-steps", "1",
+            "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0",
+            "--log-every-n-steps", "1",
             "--logs", str(logs), "--name", "bench", "--report-to", "", "--seed", "0"]
 
 
@@ -282,7 +292,8 @@ def evaluate(a, base: Path, oc_ckpt: Path, run_dir: Path) -> dict:
     model, _, preprocess, tokenizer = create_model(ModelConfig(name="mmft-mini", image_size=a.image_size,
                                                                pretrained=str(base)))
     batches = list(eval_loader(a.eval_shards, DataConfig(num_workers=a.workers), preprocess))
-    out = {"base": retrieval_recall(model, batches, tokenizer, "cpu"), "images": sum(len(b["key"]) for b in batches)}
+    out = {"base": retrieval_recall(model, batches, tokenizer, "cpu"),
+           "images": sum(len(b["key"]) for b in batches)}
     state = torch.load(oc_ckpt, map_location="cpu", weights_only=False)["state_dict"]
     model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
     out["open_clip"] = retrieval_recall(model, batches, tokenizer, "cpu")
@@ -304,11 +315,12 @@ def _gb(kb: float) -> str:
 
 def _header(res: dict) -> str:
     ev = res.get("eval", {})
-    return (f"mmft-mini towers, batch {res['batch_size']}, {res['image_size']} px, fp32, CPU ({os.cpu_count()} cores, "
-            f"{res['threads'] or 'default'} torch threads), {res['samples']} samples ({res['epochs']} epochs x "
+    return (f"mmft-mini towers, batch {res['batch_size']}, {res['image_size']} px, fp32, "
+            f"CPU ({os.cpu_count()} cores, {res['threads'] or 'default'} torch threads), "
+            f"{res['samples']} samples ({res['epochs']} epochs x "
             f"{res['steps_per_epoch']} steps); steady state from step {res['skip_steps']}; load average "
-            f"{res['load_start']:.2f} at start, {res['load_end']:.2f} at end. Recall on {ev.get('images', '?')} "
-            "eval images, text->image and image->text R@1 / R@5 (%)."
+            f"{res['load_start']:.2f} at start, {res['load_end']:.2f} at end. "
+            f"Recall on {ev.get('images', '?')} eval images, text->image and image->text R@1 / R@5 (%)."
             + (f" mmft config overrides: {' '.join(res['mmft_set'])}." if res.get("mmft_set") else ""))
 
 
@@ -317,14 +329,16 @@ def _ratios(oc: dict, mm: dict) -> list[str]:
     mem, pss = mm["peak_rss_kb"] / oc["peak_rss_kb"], mm["peak_pss_kb"] / max(oc["peak_pss_kb"], 1)
     verdict = {True: "meets", False: "misses"}
     return [
-        (f"- speed mmft / open_clip: {speed:.2f}x samples/s ({verdict[speed >= TARGET_SPEED]} the >= {TARGET_SPEED}x "
-         f"target); open_clip uses {cpu:.2f}x the CPU seconds per sample"),
-        (f"- memory mmft / open_clip: {mem:.2f}x peak RSS of the tree ({verdict[mem <= TARGET_MEMORY]} the <= "
-         f"{TARGET_MEMORY}x target); {pss:.2f}x peak PSS; {mm['vmhwm_kb'] / oc['vmhwm_kb']:.2f}x the trainer's VmHWM; "
+        (f"- speed mmft / open_clip: {speed:.2f}x samples/s ({verdict[speed >= TARGET_SPEED]} the "
+         f">= {TARGET_SPEED}x target); open_clip uses {cpu:.2f}x the CPU seconds per sample"),
+        (f"- memory mmft / open_clip: {mem:.2f}x peak RSS of the tree ({verdict[mem <= TARGET_MEMORY]} the "
+         f"<= {TARGET_MEMORY}x target); {pss:.2f}x peak PSS; "
+         f"{mm['vmhwm_kb'] / oc['vmhwm_kb']:.2f}x the trainer's VmHWM; "
          f"DataLoader workers' peak PSS: open_clip {_gb(oc['peak_workers_pss_kb'])} GB, "
          f"mmft {_gb(mm['peak_workers_pss_kb'])} GB"),
         (f"- start-up to the first step: open_clip {oc['startup_s']:.1f} s, mmft {mm['startup_s']:.1f} s; "
-         f"each tool's own speed report: open_clip {oc['self_reported_sps']:.1f} samples/s (median per step), "
+         f"each tool's own speed report: open_clip {oc['self_reported_sps']:.1f} samples/s "
+         "(median per step), "
          f"mmft {mm['self_reported_sps']:.1f} samples/s (whole run)"),
     ]
 
@@ -333,16 +347,18 @@ def table(res: dict) -> str:
     """The Markdown report: one row per trainer, the base's recall, and the ratios against the targets."""
     ev = res.get("eval", {})
     lines = [_header(res), "",
-             ("| trainer | trained params | samples/s | CPU s/sample | peak RSS tree (GB) | peak PSS tree (GB) "
-              "| trainer VmHWM (GB) | t2i R@1/R@5 | i2t R@1/R@5 |"),
+             ("| trainer | trained params | samples/s | CPU s/sample | peak RSS tree (GB) "
+              "| peak PSS tree (GB) | trainer VmHWM (GB) | t2i R@1/R@5 | i2t R@1/R@5 |"),
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
              (f"| base (untrained) | - | - | - | - | - | - | {_recall(ev.get('base'), 't2i')} | "
               f"{_recall(ev.get('base'), 'i2t')} |")]
-    for key, label in (("open_clip", "open_clip_train, full fine-tuning"), ("mmft", "mmft, LoRA both towers")):
+    for key, label in (("open_clip", "open_clip_train, full fine-tuning"),
+                       ("mmft", "mmft, LoRA both towers")):
         r = res[key]
         lines.append(f"| {label} | {r['params']['trained'] / 1e6:.2f} M | {r['samples_per_s']:.1f} | "
                      f"{r['cpu_s_per_sample']:.3f} | {_gb(r['peak_rss_kb'])} | {_gb(r['peak_pss_kb'])} | "
-                     f"{_gb(r['vmhwm_kb'])} | {_recall(ev.get(key), 't2i')} | {_recall(ev.get(key), 'i2t')} |")
+                     f"{_gb(r['vmhwm_kb'])} | {_recall(ev.get(key), 't2i')} | "
+                     f"{_recall(ev.get(key), 'i2t')} |")
     return "\n".join(lines + [""] + _ratios(res["open_clip"], res["mmft"]))
 
 
@@ -358,7 +374,8 @@ def open_clip_reported_sps(log: Path, skip: int) -> float:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shards", default=f"{DEMO}/train-*.tar", help="training shards (img2dataset layout)")
-    p.add_argument("--eval-shards", default=f"{DEMO}/test-*.tar", help="domain test shards for recall ('' = none)")
+    p.add_argument("--eval-shards", default=f"{DEMO}/test-*.tar",
+                   help="domain test shards for recall ('' = none)")
     p.add_argument("--samples", type=int, help="samples to train on, rounded to whole epochs (default 1536)")
     p.add_argument("--batch-size", type=int, help="default 64")
     p.add_argument("--image-size", type=int, default=160)
@@ -367,13 +384,15 @@ def parse_args(argv):
     p.add_argument("--oc-lr", type=float, default=1e-4, help="open_clip's learning rate (full fine-tuning)")
     p.add_argument("--warmup", type=int, default=10, help="warmup steps of both")
     p.add_argument("--mmft-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override of mmft's config, e.g. 'lora.image.layers=blocks\\.[3-6]\\.' (repeatable); "
-                        "the data, model, steps, lr, warmup, precision and device stay as set here")
+                   help="dotted override of mmft's config, e.g. 'lora.image.layers=blocks\\.[3-6]\\.' "
+                        "(repeatable); the data, model, steps, lr, warmup, precision and device stay as set "
+                        "here")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads of each trainer (0 = torch's default, one per core); 1 avoids the "
                         "OpenMP spin-waits that inflate both tools' times when other jobs share the cores")
     p.add_argument("--skip-steps", type=int, help="first optimizer steps left out of the speed (default 3)")
-    p.add_argument("--quick", action="store_true", help="tiny run: defaults 128 samples, batch 16, skip 2 steps")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny run: defaults 128 samples, batch 16, skip 2 steps")
     p.add_argument("--work-dir", default="", help="keep the runs here (default: a temporary folder, removed)")
     p.add_argument("--json", default="", help="also write every measurement to this JSON file")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -393,7 +412,8 @@ def expand_or_exit(a) -> list[str]:
 
     try:
         # the trainers run in the work folder: local paths must not depend on this process's cwd
-        shards = [s if "://" in s or s.startswith("pipe:") else os.path.abspath(s) for s in expand_specs(a.shards)]
+        shards = [s if "://" in s or s.startswith("pipe:") else os.path.abspath(s)
+                  for s in expand_specs(a.shards)]
         if a.eval_shards:
             expand_specs(a.eval_shards)
     except DataError as e:
@@ -414,20 +434,24 @@ def run(a, work: Path) -> dict:
         raise SystemExit(f"bench_train: {rows} usable samples in {a.shards} make no batch of {a.batch_size}")
     epochs = max(1, round(a.samples / (per_epoch * a.batch_size)))
     res.update(rows=rows, steps_per_epoch=per_epoch, epochs=epochs, samples=epochs * per_epoch * a.batch_size)
-    common = {"image_size": a.image_size, "batch_size": a.batch_size, "skip_steps": a.skip_steps, "threads": a.threads}
+    common = {"image_size": a.image_size, "batch_size": a.batch_size, "skip_steps": a.skip_steps,
+              "threads": a.threads}
     argv = open_clip_argv(a, tsv, base, epochs, work / "open_clip")
     res["open_clip_argv"] = argv
-    print(f"bench_train: {rows} samples, {epochs} epochs x {per_epoch} steps of {a.batch_size}; open_clip ...",
-          file=sys.stderr, flush=True)
+    print(f"bench_train: {rows} samples, {epochs} epochs x {per_epoch} steps of {a.batch_size}; "
+          "open_clip ...", file=sys.stderr, flush=True)
     res["open_clip"] = run_child("open_clip", dict(common, argv=argv, logs=str(work / "open_clip")), work)
-    res["open_clip"]["self_reported_sps"] = open_clip_reported_sps(work / "open_clip/bench/out.log", a.skip_steps)
+    res["open_clip"]["self_reported_sps"] = open_clip_reported_sps(work / "open_clip/bench/out.log",
+                                                                   a.skip_steps)
     print("bench_train: mmft ...", file=sys.stderr, flush=True)
-    res["mmft"] = run_child("mmft", dict(common, base=str(base), shards=shards, workers=a.workers, run_dir=str(
-        work / "mmft"), steps=epochs * per_epoch, lr=a.lr, warmup=a.warmup, mmft_set=a.mmft_set), work)
+    res["mmft"] = run_child("mmft", dict(common, base=str(base), shards=shards, workers=a.workers,
+                                         run_dir=str(work / "mmft"), steps=epochs * per_epoch, lr=a.lr,
+                                         warmup=a.warmup, mmft_set=a.mmft_set), work)
     res["load_end"] = os.getloadavg()[0]
     if a.eval_shards:
         print("bench_train: recall ...", file=sys.stderr, flush=True)
-        res["eval"] = evaluate(a, base, work / f"open_clip/bench/checkpoints/epoch_{epochs}.pt", work / "mmft")
+        res["eval"] = evaluate(a, base, work / f"open_clip/bench/checkpoints/epoch_{epochs}.pt",
+                               work / "mmft")
     return res
 
 
