@@ -111,7 +111,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", "--batch", str(b), "--mode", mode, "--micro",
                    str(args.micro), "--image-size", str(args.image_size), "--text-len", str(args.text_len),
                    "--steps", str(args.steps), "--threads", str(args.threads)]
-            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            out = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT)
             if out.returncode != 0:
                 print(f"{b:>6} {mode:>10} failed: {out.stderr.strip().splitlines()[-1:]}")
                 continue
