@@ -14,7 +14,7 @@ TOOLS = Path(__file__).resolve().parents[1] / "tools"
 sys.path.insert(0, str(TOOLS))
 
 import fault_suite
-from faults import CASES, Outcome
+from faults import CASES, Case, Outcome
 
 FAST = [c for c in CASES if c.run is not None and c.fast]
 
@@ -28,8 +28,8 @@ def test_fault_case_survives_every_injected_fault(case, tmp_path):
 
 def test_table_and_docs_mark_what_has_not_run():
     ran = next(c for c in CASES if c.run is not None)
-    pending = [c for c in CASES if c.run is None]
-    assert pending, "the training and service cases are listed until they are written"
+    pending = [Case("a fault nobody injects yet", "later", "survives", pending="waits for other work"),
+               *(c for c in CASES if c.run is None)]
     rows = [(ran, Outcome(injected=3, survived=2, data_lost=1, crashes=0, notes=["said: no"]), 1.0)]
     rows += [(c, None, 0.0) for c in pending]
     text = fault_suite.table(rows)

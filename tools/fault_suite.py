@@ -36,8 +36,9 @@ SAFE_LOADING = (
     "Base checkpoints load with `torch.load(weights_only=True)` (a pickle payload is refused in a "
     "sentence), adapters are safetensors plus a JSON config checked field by field, `.npy` files load "
     "without pickles, YAML is read with `yaml.safe_load`, and tar members named `../x` or `/abs/x` never "
-    "become sample keys. Training checkpoints are the exception until the trainer's state refactor lands: "
-    "they still load with `weights_only=False` (see the training rows above).")
+    "become sample keys. Training checkpoints hold only tensors, numbers, strings, lists and dicts (RNG "
+    "states included) and load with `weights_only=True` too: one carrying a pickle payload, or an older "
+    "mmft's checkpoint with pickled numpy state, is refused in one sentence (see the training rows above).")
 GPU_NOTE = ("`tools/gpu_check.sh` runs on a CUDA machine (`--dry-run` runs its CPU-sized version in the "
             "test suite); its figures go to docs/gpu_check.md. No GPU was available when this page was "
             "written:")
@@ -82,8 +83,9 @@ def machine() -> str:
     import torch
 
     gpu = f"CUDA {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, {gpu}")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{platform.machine()}, {os.cpu_count()} cores shared with other jobs (load average {load} at "
+            f"the end), Python {platform.python_version()}, torch {torch.__version__}, {gpu}")
 
 
 def docs(rows: list[tuple[Case, Outcome | None, float]]) -> str:

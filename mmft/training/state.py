@@ -182,6 +182,8 @@ class Checkpointer:
         """The newest readable checkpoint (None when there is none). Damaged ones are set aside as
         `<name>.damaged` with a warning and listed in `skipped`; a refused one raises CheckpointError."""
         self.skipped = []
+        for tmp in self.dir.glob(".step-*.tmp"):  # the temp file of a write that a kill interrupted
+            tmp.unlink(missing_ok=True)
         for path in reversed(self.paths()):
             try:
                 return read_checkpoint(path)
