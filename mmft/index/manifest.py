@@ -20,6 +20,8 @@ from mmft.io import read_json_object
 INDEX_FORMAT = 1
 INDEX_FILE, IDS_FILE, MANIFEST_FILE = "index.faiss", "ids.json", "manifest.json"
 HELDOUT_FILE = "heldout.npz"  # a tuned index's held-out queries and their exact neighbours (index.heldout)
+# An appended index (mmft.index.versions): CURRENT names the folder under versions/ that loads.
+CURRENT_FILE, VERSIONS_DIR = "CURRENT", "versions"
 # What decides a model's embeddings (mmft.embeddings.model_fingerprint): an index pins all three.
 FINGERPRINT_KEYS = ("model", "adapter_sha256", "lora_scale")
 
@@ -72,6 +74,20 @@ def check_fingerprint(manifest: dict, current: dict, where: str) -> None:
             "`mmft index build` or load the matching adapter and scale")
 
 
+def current_version(path: str | Path) -> Path:
+    """The folder of the version of index `path` that loads: the one CURRENT names, else `path` itself."""
+    path = Path(path)
+    pointer = path / CURRENT_FILE
+    if not pointer.is_file():
+        return path
+    name = pointer.read_text().strip()
+    target = path / name
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts or not target.is_dir():
+        raise IndexLoadError(f"{pointer} names version {name!r}, which is not a folder inside {path}: "
+                             "point it at an existing version (e.g. versions/v0002) or rebuild the index")
+    return target
+
+
 def write_manifest(out_dir: Path, manifest: dict) -> None:
     """Record the sizes of index.faiss and ids.json, then write manifest.json (the last file of a save)."""
     from mmft.io import write_json
@@ -113,8 +129,6 @@ def read_manifest(path: Path) -> dict:
 
     A folder whose CURRENT file names a version (mmft.index.versions) reads that version's manifest.
     """
-    from mmft.index.versions import current_version
-
     path = current_version(path)
     if not path.is_dir():
         raise IndexLoadError(f"no index at {path}: the folder does not exist; "

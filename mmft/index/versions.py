@@ -8,7 +8,8 @@ The pointer file is replaced with os.replace, so a reader (`load_index`, the sea
 sees either the old version or the new one, never half of one; a service that memory-mapped the old
 files keeps them until it reloads. A folder without CURRENT is version 1, so indexes built before
 versions existed load unchanged, and a rebuild into the folder (Index.save) drops the pointer and the
-versions it replaces.
+versions it replaces. The names and `current_version` live in mmft.index.manifest, whose
+`read_manifest` follows the pointer, so every reader of an index folder reads the current version.
 """
 from __future__ import annotations
 
@@ -16,24 +17,9 @@ import re
 import shutil
 from pathlib import Path
 
-CURRENT_FILE, VERSIONS_DIR = "CURRENT", "versions"
+from mmft.index.manifest import CURRENT_FILE, VERSIONS_DIR, current_version, read_manifest
+
 _VERSION = re.compile(r"v(\d{4,})")
-
-
-def current_version(path: str | Path) -> Path:
-    """The folder of the version of index `path` that loads: the one CURRENT names, else `path` itself."""
-    path = Path(path)
-    pointer = path / CURRENT_FILE
-    if not pointer.is_file():
-        return path
-    name = pointer.read_text().strip()
-    target = path / name
-    if not name or Path(name).is_absolute() or ".." in Path(name).parts or not target.is_dir():
-        from mmft.index.manifest import IndexLoadError
-
-        raise IndexLoadError(f"{pointer} names version {name!r}, which is not a folder inside {path}: "
-                             "point it at an existing version (e.g. versions/v0002) or rebuild the index")
-    return target
 
 
 def version_number(path: str | Path) -> int:
@@ -91,8 +77,6 @@ def _curve_lines(tuning: dict) -> list[str]:
 
 def index_info(index_dir: str | Path) -> str:
     """`mmft index info`: what loads from `index_dir` (version, size, factory) and its measured curve."""
-    from mmft.index.manifest import read_manifest
-
     root = Path(index_dir)
     path = current_version(root)
     m = read_manifest(path)
