@@ -1,7 +1,8 @@
 """`mmft serve` on bundles with torch made unimportable answers like the torch service.
 
-A subprocess installs an import hook that raises on `torch` (and torchvision), then imports the serving
-path, starts the app with base.backend "onnx" over bundles exported from the serve tests' deployment,
+A subprocess (and the encoder process the service spawns from it) starts with an import hook that raises
+on `torch` (and torchvision), then imports the serving path, starts the app with base.backend "onnx" over
+bundles exported from the serve tests' deployment,
 and answers text and image queries. The torch service answers the same queries in this process; the
 query vectors must agree row by row (cosine >= 0.9999) and the top-10 keys must be the same.
 """
@@ -25,15 +26,20 @@ QUERIES = ["a red square", "a blue circle", "a green square number 3", "yellow",
 TENANTS = ("tuned", "baseline", "other")
 IMAGES = (0, 5, 9, 17)
 
-NO_TORCH = r"""
-import importlib.abc, json, sys
+# sitecustomize runs at the start of every Python process given this PYTHONPATH: the test process and the
+# encoder process the service spawns
+SITECUSTOMIZE = r"""
+import importlib.abc, sys
 class NoTorch(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in ("torch", "torchvision"):
             raise ImportError(f"{name} imported on the torch-free serving path")
         return None
 sys.meta_path.insert(0, NoTorch())
+"""
 
+NO_TORCH = r"""
+import json, sys
 import asyncio, base64, httpx
 from mmft.serve import create_app
 cfg, root, queries, tenants, images = json.loads(sys.argv[1])
@@ -112,14 +118,18 @@ def _torch_answers(deployment) -> dict:  # noqa: F811
     return out
 
 
-def test_torch_free_service_answers_like_the_torch_service(deployment, bundles):  # noqa: F811
+def test_torch_free_service_answers_like_the_torch_service(deployment, bundles, tmp_path):  # noqa: F811
+    import os
+
     from mmft.serve.config import check_config, serve_config_from_dict
 
     cfg = _onnx_config(deployment, bundles)
     check_config(serve_config_from_dict(cfg))  # the start-up check of `mmft serve` accepts bundle tenants
+    (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
     arg = json.dumps([cfg, str(deployment.root), QUERIES, list(TENANTS), list(IMAGES)])
     proc = subprocess.run([sys.executable, "-c", NO_TORCH, arg], cwd=ROOT, capture_output=True, text=True,
-                          check=False, timeout=300)
+                          check=False, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     onnx = json.loads(proc.stdout.strip().splitlines()[-1])
     assert onnx["torch_loaded"] is False and onnx["hook_works"] is True

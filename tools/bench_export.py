@@ -15,8 +15,8 @@ in inference mode twice: with the LoRA layers as trained (how `mmft serve` runs 
 merged into the weights (the same graph ONNX gets).
 Parity: every image and caption of the shards through torch and through the bundle (its tokenizer.json
 and numpy transform), row cosines; recall of int8 minus fp32 with paired bootstrap CIs.
-Index: the bundle's gallery vectors and a clustered synthetic gallery (tools/bench_index.py's data),
-each factory's serialized size, queries/s and recall@10 against exact search.
+Index: the bundle's gallery vectors and a clustered synthetic gallery (Gaussian blobs around random
+centres on the sphere), each factory's serialized size, queries/s and recall@10 against exact search.
 """
 from __future__ import annotations
 
@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 CAPTIONS = ["a red apple", "two dogs playing in the snow", "a cartoon cat with a hat", "green leaves",
             "a slice of pizza with olives and cheese", "a bicycle", "an old map of the world",
@@ -163,11 +162,43 @@ def speed_setup(model, tok, preprocess, scale, bundle_dir: Path, threads: int, i
 # ---------------------------------------------------------------- index codecs
 
 
+def clustered(n: int, nq: int, dim: int, centres: int = 2000, sigma: float = 1.0, seed: int = 0):
+    """(gallery (n, dim), queries (nq, dim)) unit rows: Gaussian blobs of noise norm ~sigma around centres."""
+    rng = np.random.default_rng(seed)
+    cen = rng.standard_normal((centres, dim)).astype(np.float32)
+    cen /= np.linalg.norm(cen, axis=1, keepdims=True)
+
+    def draw(m: int) -> np.ndarray:
+        out = np.empty((m, dim), np.float32)
+        for s in range(0, m, 100_000):
+            b = min(100_000, m - s)
+            x = cen[rng.integers(0, centres, b)] + rng.standard_normal((b, dim)).astype(np.float32) * (
+                sigma / np.sqrt(dim))
+            out[s:s + b] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        return out
+
+    return draw(n), draw(nq)
+
+
+def timed(fn, threads: int, repeat: int = 1):
+    """(result, best wall s, best CPU s / threads) over `repeat` runs."""
+    best_w = best_c = float("inf")
+    for _ in range(repeat):
+        w, c = time.perf_counter(), time.process_time()
+        out = fn()
+        best_w = min(best_w, time.perf_counter() - w)
+        best_c = min(best_c, (time.process_time() - c) / threads)
+    return out, best_w, best_c
+
+
+def recall_at_10(found: np.ndarray, exact: np.ndarray) -> float:
+    return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found[:, :10], exact[:, :10])]))
+
+
 def codec_rows(name: str, gallery: np.ndarray, queries: np.ndarray, threads: int,
                train_sample: int) -> list[dict]:
     """Size, build time, queries/s (CPU) and recall@10 of FAISS factories over one gallery."""
     import faiss
-    from bench_index import recall_at_10, timed
 
     from mmft.index.core import default_nlist, default_nprobe, new_faiss_index, set_search_params
 
@@ -294,22 +325,35 @@ def _speed_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def text_only_int8(int8, threads: int):
+    """The bundle with its int8 text tower and fp32 image tower (what --quantize int8-text writes)."""
+    import copy
+
+    from mmft.bundle.runtime import Bundle
+
+    manifest = copy.deepcopy(int8.manifest)
+    files = manifest["encoders"]["files"]
+    files["int8-text"] = {"text": files["int8"]["text"], "image": files["fp32"]["image"]}
+    return Bundle(int8.path, manifest, "int8-text", threads)
+
+
 def _parity_table(parity: dict, cost: dict | None) -> str:
     out = ["| set | precision | tower | rows | min cosine | mean cosine |", "|---|---|---|---|---|---|"]
     for s, p in parity.items():
         for prec, towers in p["cosine"].items():
             for tower, c in towers.items():
                 out.append(f"| {s} | {prec} | {tower} | {c['rows']} | {c['min']:.6f} | {c['mean']:.6f} |")
-    out += ["", ("| set | direction | torch − fp32 R@1 / R@5 | fp32 R@5 | int8 R@5 | "
-                 "int8 − fp32 R@1 [95% CI] | int8 − fp32 R@5 [95% CI] |"), "|---|---|---|---|---|---|---|"]
+    out += ["", ("| set | direction | torch − fp32 R@1 / R@5 | precision | fp32 R@5 | its R@5 | "
+                 "it − fp32 R@1 [95% CI] | it − fp32 R@5 [95% CI] |"), "|---|---|---|---|---|---|---|---|"]
     for s, p in parity.items():
         for d in ("t2i", "i2t"):
             t = p["torch_minus_fp32"][d]
-            c = (cost or {}).get(s, {}).get(d)
-            q = (f"{c['fp32_R@5']:.1f} | {c['int8_R@5']:.1f} | " + " | ".join(
-                f"{c[m]['value']:+.1f} [{c[m]['ci'][0]:+.1f}, {c[m]['ci'][1]:+.1f}]" for m in ("R@1", "R@5"))
-                 if c else " | | | ")
-            out.append(f"| {s} | {d} | {t['R@1']:+.2f} / {t['R@5']:+.2f} | {q} |")
+            for prec, by_dir in (cost or {}).get(s, {}).items():
+                c = by_dir[d]
+                ci = [f"{c[m]['value']:+.1f} [{c[m]['ci'][0]:+.1f}, {c[m]['ci'][1]:+.1f}]"
+                      for m in ("R@1", "R@5")]
+                out.append(f"| {s} | {d} | {t['R@1']:+.2f} / {t['R@5']:+.2f} | {prec} | "
+                           f"{c['fp32_R@5']:.1f} | {c['int8_R@5']:.1f} | {ci[0]} | {ci[1]} |")
     return "\n".join(out)
 
 
@@ -368,6 +412,7 @@ def main(argv=None) -> int:
         from mmft.bundle.runtime import load_bundle
 
         bundles = {p_: load_bundle(out, precision=p_, threads=args.threads) for p_ in ("fp32", "int8")}
+        bundles["int8-text"] = text_only_int8(bundles["int8"], args.threads)
         data_cfg = DataConfig(num_workers=0)
         parity, cost = onnx_comparison(model, scale, bundles, sets, EvalConfig(), data_cfg, tok, preprocess,
                                        False)
@@ -386,7 +431,6 @@ def main(argv=None) -> int:
 
 def index_section(args, bundle_dir: Path, sets: dict) -> list[dict]:
     """Codec rows over the bundle's image vectors of the shards (queries: their captions), then synthetic."""
-    from bench_index import make_data
 
     import mmft
     from mmft.bundle.measure import _OnnxModel, _Preprocess, _Tokenizer
@@ -400,7 +444,7 @@ def index_section(args, bundle_dir: Path, sets: dict) -> list[dict]:
     queries = np.concatenate([e.text for e in embs]).astype(np.float32)
     rows = codec_rows("+".join(sets) + " (bundle fp32)", gallery, queries, args.threads, 100_000)
     for n in args.index_sizes:
-        x, q = make_data("clustered", n, 2000, args.dim, 2000, 1.0, 0)
+        x, q = clustered(n, 2000, args.dim)
         rows += codec_rows("clustered σ=1", x, q, args.threads, 100_000)
         print(f"# index codecs on {n:,} synthetic vectors done", flush=True)
     return rows

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mmft.bundle.manifest import read_manifest
 from mmft.bundle.runtime import Bundle, load_bundle
 
 
@@ -23,19 +24,24 @@ class OnnxEncoder:
     """Encoder (mmft.serve.encoders) whose slots are bundles; slots of one bundle folder share sessions."""
 
     def __init__(self, base_bundle: str | Path | None = None, *, precision: str | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, dim: int | None = None):
         self.precision, self.threads = precision, threads or None
         self.base_path = Path(base_bundle) if base_bundle else None
         self.base = None
         if base_bundle:
             self.base = load_bundle(self.base_path, precision=precision, threads=self.threads)
-        self.dim = self.base.dim if self.base is not None else None
+        self.dim = self.base.dim if self.base is not None else dim  # the service reads it before any slot
         self._slots: dict[str, Bundle] = {}
 
     @classmethod
     def from_config(cls, cfg) -> OnnxEncoder:
-        """From a ServeConfig: base.bundle (may be empty when the baseline is off) and base.threads."""
-        return cls(cfg.base.bundle or None, threads=cfg.base.threads or None)
+        """From a ServeConfig: base.bundle (may be empty when the baseline is off) and base.threads; without
+        base.bundle the dimension comes from the first tenant's bundle manifest."""
+        dim = None
+        first = next((t.adapter for t in cfg.tenants.values() if t.adapter), None)
+        if not cfg.base.bundle and first:
+            dim = int(read_manifest(first, verify=False)["encoders"]["dim"])
+        return cls(cfg.base.bundle or None, threads=cfg.base.threads or None, dim=dim)
 
     @property
     def tenants(self) -> list[str]:

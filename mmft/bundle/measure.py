@@ -95,9 +95,10 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> dict:
 
 def onnx_comparison(model, lora_scale: float | None, bundles: dict[str, Bundle], sets: dict, eval_cfg,
                     data_cfg, tokenizer, preprocess, progress: bool) -> tuple[dict, dict | None]:
-    """(parity, recall cost): torch vs ONNX rows of every set, and int8 minus fp32 recall with paired CIs.
+    """(parity, recall cost): torch vs ONNX rows of every set, and each other precision minus fp32 recall
+    with paired CIs ({set: {precision: {direction: ...}}}).
 
-    bundles: {"fp32": Bundle[, "int8": Bundle]} of the bundle being written.
+    bundles: {"fp32": Bundle[, "int8": Bundle, ...]} of the bundle being written.
     """
     from mmft.embeddings import embed
     from mmft.evaluation.core import retrieval_results, summarize_rows
@@ -119,10 +120,13 @@ def onnx_comparison(model, lora_scale: float | None, bundles: dict[str, Bundle],
         table, deltas = summarize_rows({"onnx fp32": results["onnx fp32"], **results}, eval_cfg.bootstrap)
         parity[set_name]["torch_minus_fp32"] = {  # recall points; 0 when the encoders agree
             d: {m: deltas["torch"][d][m]["value"] for m in ("R@1", "R@5")} for d in ("t2i", "i2t")}
-        if "onnx int8" in deltas:
-            cost[set_name] = {d: {"R@1": deltas["onnx int8"][d]["R@1"], "R@5": deltas["onnx int8"][d]["R@5"],
-                                  "fp32_R@5": table["onnx fp32"][d]["R@5"]["value"],
-                                  "int8_R@5": table["onnx int8"][d]["R@5"]["value"]} for d in ("t2i", "i2t")}
+        for p in bundles:
+            if p != "fp32":
+                row = f"onnx {p}"
+                cost.setdefault(set_name, {})[p] = {
+                    d: {"R@1": deltas[row][d]["R@1"], "R@5": deltas[row][d]["R@5"],
+                        "fp32_R@5": table["onnx fp32"][d]["R@5"]["value"],
+                        "int8_R@5": table[row][d]["R@5"]["value"]} for d in ("t2i", "i2t")}
     return parity, cost or None
 
 

@@ -204,7 +204,7 @@ def _measure(job: _Export, eval_sets: dict, eval_cfg, data_cfg, progress: bool) 
     job.meta["evaluation"] = _evaluation_summary(evaluation["report"])
     q = job.meta["quantization"]
     if q is not None:
-        q["recall_cost"] = cost
+        q["recall_cost"] = {set_name: c["int8"] for set_name, c in (cost or {}).items()} or None
         threads = os.cpu_count()
         q["speed"] = quick_speed(job.open("fp32", threads), job.open("int8", threads),
                                  preprocess_batch(job.calibration[:8], job.pre_cfg), SMOKE_TEXTS)
