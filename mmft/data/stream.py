@@ -19,6 +19,7 @@ the sources by `train_weights`; its epoch is `epoch_samples` (or the counted siz
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -193,6 +194,15 @@ class TrainStream:
 
     def __len__(self) -> int:
         return self.num_batches
+
+    def reload_negatives(self, path: str | None = None) -> None:
+        """Read the mined negatives again, from `path` when given (else data.hard_negatives): negatives
+        re-mined with the current model take effect from the next epoch (workers start per epoch)."""
+        ds = self._set
+        if path is not None:
+            ds.cfg = dataclasses.replace(ds.cfg, hard_negatives=str(path))
+        urls = [u for _, us in ds.sources for u in us]
+        ds.negatives = NegativeSource.from_config(ds.cfg, urls, ds.seed, draft_size(ds.transform))
 
     def __iter__(self):
         made, pending = 0, None
