@@ -56,7 +56,8 @@ def _worker() -> int:
 
 def _images(samples: list[dict], transform) -> torch.Tensor:
     images = [s["image"] for s in samples]
-    return transform.collate(images) if hasattr(transform, "collate") else default_collate(images)  # (B, 3, H, W)
+    collate = transform.collate if hasattr(transform, "collate") else default_collate
+    return collate(images)  # (B, 3, H, W)
 
 
 def _on_own_torch_rng(items: Iterator, seed: int) -> Iterator:
@@ -120,7 +121,8 @@ class _TrainSet(IterableDataset):
             out = {"image": _images(batch, self.transform), "text": self.tokenizer(captions).long(),  # (B, L)
                    "key": [s["key"] for s in batch], "kind": kind, "skipped": stats.take_delta()}
             if cfg.group_field:  # a sample without a group is its own group
-                out["group"] = torch.tensor([st.group_id(s["group"] or s["key"]) for s in batch])  # (B,) int64
+                groups = [st.group_id(s["group"] or s["key"]) for s in batch]
+                out["group"] = torch.tensor(groups)  # (B,) int64
             if self.negatives is not None:  # mined hard negatives: (B, K, ...) extras per sample
                 out = attach(out, self.negatives, getattr(self.transform, "pixels", self.transform),
                              lambda pixels: _images([{"image": x} for x in pixels], self.transform),
@@ -136,7 +138,8 @@ def _concat(parts: list[dict]) -> dict:
     """Merge tail pieces from several workers (text padded with 0 to the longest length)."""
     width = max(p["text"].shape[1] for p in parts)
     out = {"image": torch.cat([p["image"] for p in parts]),  # (N, 3, H, W)
-           "text": torch.cat([torch.nn.functional.pad(p["text"], (0, width - p["text"].shape[1])) for p in parts]),
+           "text": torch.cat([torch.nn.functional.pad(p["text"], (0, width - p["text"].shape[1]))
+                              for p in parts]),
            "key": [k for p in parts for k in p["key"]]}
     if "group" in parts[0]:
         out["group"] = torch.cat([p["group"] for p in parts])  # (N,)
@@ -181,16 +184,18 @@ class TrainStream:
         self._loader.generator.manual_seed(loader_seed)  # the workers' base seed: a function of the epoch
         if cfg.resampled:
             per_rank = (cfg.epoch_samples or sum(self._sizes)) // (self.world_size * b)
-            ds.resampled_quota = [per_rank // ds.workers + (w < per_rank % ds.workers) for w in range(ds.workers)]
+            ds.resampled_quota = [per_rank // ds.workers + (w < per_rank % ds.workers)
+                                  for w in range(ds.workers)]
             self.num_batches = per_rank
         else:
             urls = [u for _, us in ds.sources for u in us]
             readers, self.num_batches = plan_epoch(urls, self._sizes, seed=ds.seed, epoch=epoch,
-                                                   world_size=self.world_size, workers=ds.workers, batch_size=b)
+                                                   world_size=self.world_size, workers=ds.workers,
+                                                   batch_size=b)
             ds.readers = readers[ds.rank]
         if self.num_batches == 0:
-            raise DataError(f"the training data holds fewer samples than one batch per rank (batch_size {b} x "
-                            f"world_size {self.world_size}); lower data.batch_size or add data")
+            raise DataError(f"the training data holds fewer samples than one batch per rank (batch_size {b} "
+                            f"x world_size {self.world_size}); lower data.batch_size or add data")
 
     def __len__(self) -> int:
         return self.num_batches
@@ -214,7 +219,8 @@ class TrainStream:
                 while len(pending["key"]) >= self.batch_size and made < self.num_batches:
                     batch, pending = _head(pending, self.batch_size)
                     made += 1
-                    yield {k: v.pin_memory() if self._pin and torch.is_tensor(v) else v for k, v in batch.items()}
+                    yield {k: v.pin_memory() if self._pin and torch.is_tensor(v) else v
+                           for k, v in batch.items()}
             elif kind == "full" and made < self.num_batches:
                 made += 1
                 yield item
@@ -232,14 +238,17 @@ def _sources(data_cfg) -> list[tuple[str, list[str]]]:
         raise DataError(f"data.train_weights has {len(data_cfg.train_weights)} weights for "
                         f"{len(data_cfg.train)} train specs; give one weight per spec")
     if data_cfg.train_weights and not data_cfg.resampled:
-        raise DataError("data.train_weights needs data.resampled=true (weighted mixing samples with replacement)")
-    if any(w < 0 for w in data_cfg.train_weights) or (data_cfg.train_weights and not sum(data_cfg.train_weights)):
+        raise DataError("data.train_weights needs data.resampled=true "
+                        "(weighted mixing samples with replacement)")
+    weights = data_cfg.train_weights
+    if any(w < 0 for w in weights) or (weights and not sum(weights)):
         raise DataError(f"data.train_weights {data_cfg.train_weights} must be >= 0 with a positive sum")
     return [(spec, expand_specs(spec)) for spec in data_cfg.train]
 
 
-def train_loader(data_cfg, preprocess_train: Callable, tokenizer: Callable, *, seed: int = 0, epoch: int = 0,
-                 rank: int | None = None, world_size: int | None = None, device_type: str = "cpu") -> TrainStream:
+def train_loader(data_cfg, preprocess_train: Callable, tokenizer: Callable, *, seed: int = 0,
+                 epoch: int = 0, rank: int | None = None, world_size: int | None = None,
+                 device_type: str = "cpu") -> TrainStream:
     """A TrainStream over data_cfg.train for this rank (rank/world_size default to torch.distributed).
 
     preprocess_train: PIL image -> (3, H, W) float; a TrainTransform takes the faster batched path.
@@ -278,7 +287,8 @@ class _EvalSet(IterableDataset):
 
     def __init__(self, urls: list[str], data_cfg, transform, batch_size: int, workers: int):
         super().__init__()
-        self.urls, self.cfg, self.transform, self.batch_size, self.workers = urls, data_cfg, transform, batch_size, workers
+        self.urls, self.cfg, self.transform = urls, data_cfg, transform
+        self.batch_size, self.workers = batch_size, workers
 
     def __iter__(self):
         w, n, cfg = _worker(), self.workers, self.cfg
@@ -299,7 +309,8 @@ class _EvalSet(IterableDataset):
 
 
 class EvalStream:
-    """Eval batches {"image", "key", "captions" (all of them), "group" (list[str] or None)}; `stats` as in training."""
+    """Eval batches {"image", "key", "captions" (all of them), "group" (list[str] or None)}; `stats` as in
+    training."""
 
     def __init__(self, loader: DataLoader):
         self._loader = loader
