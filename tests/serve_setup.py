@@ -34,7 +34,7 @@ class Deployment:
     def config(self, tokens: bool = True, **sections) -> dict:
         """A serve config dict over this deployment; `sections` replace whole top-level sections."""
         cfg = {
-            "base": {"run": str(self.run)},
+            "base": {"run": str(self.run), "process": False},  # the encoder in-process (one test isolates it)
             "tenants": {
                 "tuned": {"run": str(self.run), "index": str(self.indexes["tuned"])},
                 "other": {"adapter": str(self.other_adapter), "index": str(self.indexes["other"])},

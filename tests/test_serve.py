@@ -203,3 +203,30 @@ def test_feedback_to_jsonl_to_shards(deployment, tmp_path):  # noqa: F811
     samples = list(read_shards(expand_specs([str(tmp_path / "shards")]), SkipStats()))
     captions = sorted(c for s in samples for c in parse_captions(s))
     assert captions == ["a red square", "a red square", "crimson box"]
+
+
+def test_encoder_in_a_child_process_answers_the_same(deployment, served, tmp_path):  # noqa: F811
+    """base.process=true (the `mmft serve` default): the model runs in a child process, same answers."""
+    from conftest import adapted_run_dir
+    from fastapi.testclient import TestClient
+
+    from mmft.model.adapter import AdapterMismatchError
+    from mmft.serve import create_app
+
+    cfg = deployment.config(tokens=False)
+    cfg["base"]["process"] = True
+    app = create_app(cfg)
+    with TestClient(app) as client:
+        encoder = app.state.mmft.encoder
+        assert type(encoder).__name__ == "ProcessEncoder" and encoder.dim == 32
+        for q in QUERIES[:3]:
+            got = client.post("/search/text", json={"tenant": "tuned", "text": q, "k": 5}).json()["results"]
+            want = served["text"][("tuned", q)]["results"]
+            assert [h["key"] for h in got] == [h["key"] for h in want]
+            np.testing.assert_allclose([h["score"] for h in got], [h["score"] for h in want], atol=1e-5)
+        alien, *_ = adapted_run_dir(tmp_path, seed=5)  # an adapter of another base: refused across the pipe
+        with pytest.raises(AdapterMismatchError, match="load it onto the base it was trained on"):
+            encoder.load_tenant("alien@1", str(alien / "adapter-last"), 1.0)
+        assert app.state.mmft.reload(["tuned"])[0].version > 1  # reload goes through the child too
+        assert client.post("/search/text", json={"tenant": "tuned", "text": "a", "k": 2}).status_code == 200
+    assert not encoder._proc.is_alive()  # stopped with the app

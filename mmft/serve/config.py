@@ -32,6 +32,7 @@ class BaseModelConfig:
     bundle: str = ""  # backend onnx: the exported bundle folder
     device: str = "cpu"
     threads: int = 0  # torch intra-op threads per worker process; 0 = torch's default
+    process: bool = True  # run the encoder in a child process of each worker: the model never holds the GIL
 
 
 @dataclass

@@ -48,6 +48,7 @@ class ServeState:
         self.state_dir = Path(state_dir) if state_dir else None
         self.generation = self._read_generation()
         self.ready = False
+        self._owns_encoder = False
 
     # ---------------------------------------------------------------- start-up and reload
 
@@ -55,8 +56,10 @@ class ServeState:
         """Load the encoder (unless given) and every tenant; raises with the reason when one fails."""
         if self.encoder is None:
             from mmft.serve.encoders import build_encoder
+            from mmft.serve.process_encoder import ProcessEncoder
 
-            self.encoder = build_encoder(self.cfg)
+            self.encoder = ProcessEncoder(self.cfg) if self.cfg.base.process else build_encoder(self.cfg)
+            self._owns_encoder = True
         self.registry = Registry(self.encoder, self.cfg)
         self.registry.load(self.cfg)
         self.metrics.set_tenants(self.registry.tenants)
@@ -146,6 +149,8 @@ class ServeState:
 
     def close(self) -> None:
         self.access_log.close()
+        if self._owns_encoder and hasattr(self.encoder, "close"):
+            self.encoder.close()
 
 
 def state_from_env() -> ServeState:
