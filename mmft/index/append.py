@@ -233,13 +233,15 @@ def add_to_index(index_dir: str | Path, shards, *, model=None, tokenizer=None, p
                          "mmft.index.append.append_vectors(index_dir, vectors, ids)")
     m, pre, tok = _model_for(root, manifest, model)
     check_fingerprint(manifest, model_fingerprint(m), str(current_version(root)))  # before embedding
-    emb = embed(m, shards, tokenizer=tokenizer or tok, preprocess=preprocess or pre, data_cfg=data_cfg,
+    specs = [shards] if isinstance(shards, (str, Path)) else list(shards)
+    emb = embed(m, specs, tokenizer=tokenizer or tok, preprocess=preprocess or pre, data_cfg=data_cfg,
                 batch_size=batch_size, modality=modality, progress=progress)
     vectors = emb.image if modality == "image" else emb.text
     ids = emb.keys if modality == "image" else caption_ids(emb.keys, emb.caption_image)
-    specs = [str(shards)] if isinstance(shards, (str, Path)) else [str(s) for s in shards]
+    is_specs = all(isinstance(s, (str, Path)) for s in specs)  # else in-memory batches: no thumbnails
+    source = {"shards": [str(s) for s in specs] if is_specs else "in-memory batches"}
     old_dir = current_version(root)
-    result = append_vectors(root, vectors, ids, fingerprint=model_fingerprint(m), source={"shards": specs})
-    if modality == "image":
-        _carry_thumbnails(old_dir, result.index.path, specs, data_cfg, set(emb.keys))
+    result = append_vectors(root, vectors, ids, fingerprint=model_fingerprint(m), source=source)
+    if modality == "image" and is_specs:
+        _carry_thumbnails(old_dir, result.index.path, source["shards"], data_cfg, set(emb.keys))
     return result
