@@ -45,7 +45,7 @@ CASES = [
          training.kill_with_two_workers, fast=False),
     Case(f"kill -9 under torchrun, 2 processes on gloo ({_TINY})", "training", _RESUMED,
          training.kill_under_torchrun, fast=False),
-    Case("kill -9 at random moments: the demo's LoRA config (mmft-mini, 64 px, 6 steps)", "training",
+    Case("kill -9 at random moments: the demo's LoRA config (mmft-mini 160 px, 8 steps)", "training",
          _RESUMED,
          training.kill_demo_lora, fast=False),
     Case("disk full while writing a checkpoint or adapter (RLIMIT_FSIZE)", "training",

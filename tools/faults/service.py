@@ -19,7 +19,7 @@ from pathlib import Path
 
 from faults.common import ROOT, TINY_VIT, Outcome
 
-CLIENTS, ROUNDS = 32, 3  # each client sends the whole mix ROUNDS times
+CLIENTS, ROUNDS = 32, 2  # each client sends the whole mix ROUNDS times
 START_LIMIT_S, BURST_LIMIT_S = 180, 240
 
 
