@@ -42,9 +42,9 @@ def _random_lora(model, std: float, seed: int = 0) -> None:
 
 
 def _torch_rows(model, tokenizer, preprocess, scale: float):
-    from mmft.bundle.measure import at_scale
+    from mmft.model.lora import lora_scale
 
-    with torch.no_grad(), at_scale(model, scale):
+    with torch.no_grad(), lora_scale(model, scale):
         text = model.encode_text(tokenizer(CAPTIONS), normalize=True).numpy()  # (T, D)
         image = model.encode_image(torch.stack([preprocess(i) for i in _images()]), normalize=True).numpy()
     return text, image
@@ -112,13 +112,13 @@ def test_sequence_axis_is_dynamic_only_for_hugging_face_towers(mini, vit):
 
 
 def test_manifest_records_identity_scale_dims_and_fingerprint(mini):
-    from mmft.bundle.measure import at_scale
     from mmft.embeddings import model_fingerprint
     from mmft.model.adapter import adapter_digest
+    from mmft.model.lora import lora_scale
 
     model, _, _, out = mini
     m = mmft.load_bundle(out).manifest
-    with at_scale(model, 0.5):
+    with lora_scale(model, 0.5):
         assert m["fingerprint"] == json.loads(json.dumps(model_fingerprint(model)))
     assert m["adapter_sha256"] == adapter_digest(model) and m["lora_scale"] == 0.5
     assert m["base_model"]["name"] == "mmft-mini"

@@ -123,12 +123,12 @@ def speed_setup(model, tok, preprocess, scale, bundle_dir: Path, threads: int, i
     import torch
 
     import mmft
-    from mmft.bundle.measure import at_scale
     from mmft.bundle.onnx_export import merged_copy
+    from mmft.model.lora import lora_scale
 
     torch.set_num_threads(threads)
     merged = merged_copy(model, scale)
-    with at_scale(model, scale):
+    with lora_scale(model, scale):
         lora = __import__("copy").deepcopy(model).eval()  # LoRA layers at the scale, unmerged
 
     def torch_fns(m):
@@ -230,7 +230,7 @@ def codec_rows(name: str, gallery: np.ndarray, queries: np.ndarray, threads: int
 STARTUP = r"""
 import json, sys, time
 t0 = time.perf_counter()
-import asyncio, resource, httpx
+import asyncio, httpx
 from mmft.serve import create_app
 app = create_app(json.loads(sys.argv[1]))
 
@@ -242,9 +242,9 @@ async def run():
         return ready, r.status_code
 
 ready, status = asyncio.run(run())
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))  # kB
 print(json.dumps({"import_and_load_s": ready - t0, "first_answer_s": time.perf_counter() - t0,
-                  "status": status, "torch_imported": "torch" in sys.modules,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "status": status, "torch_imported": "torch" in sys.modules, "peak_rss_mb": hwm / 1024}))
 """
 
 
@@ -302,9 +302,10 @@ def startup_section(args, run: str | None, bundle_dir: Path, sets: dict, tmp: Pa
                          progress=False)
     common = {"baseline": {"enabled": False}, "feedback": {"path": ""}}
     tenant = {"lora_scale": args.lora_scale, "index": str(index)}
-    configs = {"torch": {"base": {"run": run, "threads": args.threads},
+    # the encoder in the service's own process, so that its imports and memory are the ones measured
+    configs = {"torch": {"base": {"run": run, "threads": args.threads, "process": False},
                          "tenants": {"tuned": {"run": run, **tenant}}, **common},
-               "onnx (serve-onnx)": {"base": {"backend": "onnx", "threads": args.threads},
+               "onnx (serve-onnx)": {"base": {"backend": "onnx", "threads": args.threads, "process": False},
                                      "tenants": {"tuned": {"adapter": str(bundle_dir), **tenant}}, **common}}
     return startup({"torch": args.python_torch, "onnx (serve-onnx)": args.python_onnx}, configs)
 

@@ -13,7 +13,6 @@ same data loading, batching and metrics.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 
@@ -55,33 +54,18 @@ class _Preprocess:
         return torch.from_numpy(preprocess_image(image, self.cfg))  # (3, H, W)
 
 
-@contextlib.contextmanager
-def at_scale(model, scale: float | None):
-    """The model at LoRA scale `scale` inside the block (None or no adapter: as it is)."""
-    from mmft.model.lora import get_lora_scale, set_lora_scale
-
-    if scale is None or getattr(model, "mmft_lora", None) is None:
-        yield model
-        return
-    old = get_lora_scale(model)
-    set_lora_scale(model, scale)
-    try:
-        yield model
-    finally:
-        set_lora_scale(model, old)
-
-
 def torch_evaluation(model, tokenizer, preprocess, sets: dict, lora_scale: float | None, eval_cfg, data_cfg,
                      progress: bool) -> dict:
     """`mmft.evaluate`: baseline vs tuned (and the exported scale), the sweep and its recommended scale."""
     from mmft.evaluation.core import EvalRow, evaluate
+    from mmft.model.lora import has_adapter
 
     rows = None
-    if getattr(model, "mmft_lora", None) is not None:
+    if has_adapter(model):
         rows = [EvalRow("baseline", 0.0), EvalRow("tuned", 1.0)]
         if lora_scale not in (0.0, 1.0):
             rows.append(EvalRow(f"exported @ scale {lora_scale:g}", lora_scale))
-    sweep = getattr(model, "mmft_lora", None) is not None and "domain" in sets
+    sweep = has_adapter(model) and "domain" in sets
     report = evaluate(model, sets, tokenizer=tokenizer, preprocess=preprocess, eval_cfg=eval_cfg,
                       data_cfg=data_cfg, rows=rows, sweep=sweep, progress=progress)
     return {"report": report, "lora_scale": lora_scale}
@@ -102,11 +86,13 @@ def onnx_comparison(model, lora_scale: float | None, bundles: dict[str, Bundle],
     """
     from mmft.embeddings import embed
     from mmft.evaluation.core import retrieval_results, summarize_rows
+    from mmft.model.lora import has_adapter
+    from mmft.model.lora import lora_scale as scaled
 
     parity, cost = {}, {}
     ks = sorted(set(eval_cfg.ks) | {1, 5})
     for set_name, source in sets.items():
-        with at_scale(model, lora_scale):
+        with scaled(model, lora_scale if has_adapter(model) else None):
             ref = embed(model, source, tokenizer=tokenizer, preprocess=preprocess, data_cfg=data_cfg,
                         batch_size=eval_cfg.batch_size, progress=progress)
         results = {"torch": retrieval_results(ref, ks)}

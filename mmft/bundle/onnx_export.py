@@ -46,10 +46,10 @@ class _TextTower(torch.nn.Module):
 @torch.no_grad()
 def merged_copy(model: torch.nn.Module, lora_scale: float | None = None) -> torch.nn.Module:
     """A copy of `model` in eval mode, its adapter folded in at `lora_scale` (default: its current scale)."""
-    from mmft.model.lora import merge_lora, set_lora_scale
+    from mmft.model.lora import has_adapter, merge_lora, set_lora_scale
 
     merged = copy.deepcopy(model)
-    if getattr(merged, "mmft_lora", None) is not None:
+    if has_adapter(merged):
         if lora_scale is not None:
             set_lora_scale(merged, lora_scale)
         merge_lora(merged)

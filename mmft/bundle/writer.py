@@ -50,10 +50,11 @@ def gallery_images(specs, n: int) -> list:
 
 
 def _fingerprint(model, lora_scale: float) -> dict:
-    from mmft.bundle.measure import at_scale
     from mmft.embeddings import model_fingerprint
+    from mmft.model.lora import has_adapter
+    from mmft.model.lora import lora_scale as scaled
 
-    with at_scale(model, lora_scale):
+    with scaled(model, lora_scale if has_adapter(model) else None):
         return model_fingerprint(model)
 
 
@@ -146,8 +147,9 @@ class _Export:
 
 def _scale(model, lora_scale: float | None, index_dir) -> float | None:
     """The LoRA scale to merge: given, else the index's (with an index), else 1.0; None without an adapter."""
-    has_adapter = getattr(model, "mmft_lora", None) is not None
-    if not has_adapter:
+    from mmft.model.lora import has_adapter
+
+    if not has_adapter(model):
         if lora_scale not in (None, 1.0):
             raise ValueError(f"--lora-scale {lora_scale} needs a model with an adapter; this one has none")
         return None
@@ -171,10 +173,12 @@ def _export_encoders(job: _Export, opset: int, normalize: bool) -> None:
                         context_length=tok["context_length"], opset=opset, normalize=normalize)
     enc["files"] = {"fp32": {"image": enc["image"]["file"], "text": enc["text"]["file"]}}
     enc["default_precision"] = "fp32"
-    has_adapter = getattr(job.model, "mmft_lora", None) is not None
+    from mmft.model.lora import has_adapter
+
+    adapted = has_adapter(job.model)
     job.meta = {"format": BUNDLE_FORMAT, "mmft_version": __version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "base_model": model_identity(job.model),
-                "adapter_sha256": _adapter_digest(job.model) if has_adapter else None,
+                "adapter_sha256": _adapter_digest(job.model) if adapted else None,
                 "lora_scale": job.scale,
                 "fingerprint": _fingerprint(job.model, job.scale), "encoders": enc, "tokenizer": tok,
                 "preprocess_file": PREPROCESS_FILE, "index": None, "quantization": None}
