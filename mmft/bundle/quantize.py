@@ -10,6 +10,8 @@ Nothing here imports torch.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import tempfile
 from pathlib import Path
 
@@ -20,6 +22,18 @@ IMAGE_INT8, TEXT_INT8 = "image_encoder.int8.onnx", "text_encoder.int8.onnx"
 # Operators quantized in each tower; everything else (LayerNorm, softmax, pooling, heads' norms) stays fp32.
 TEXT_OPS = ["MatMul", "Gemm"]
 IMAGE_OPS = ["Conv", "MatMul", "Gemm"]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """onnxruntime's quantizer logs a line per tensor on the root logger at INFO: keep the console clear."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _preprocessed(model_in: Path, tmp: Path) -> Path:
@@ -37,7 +51,7 @@ def quantize_text(model_in: str | Path, model_out: str | Path) -> dict:
     """Dynamic int8 quantization of the text tower's MatMuls. Returns what the manifest records."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with tempfile.TemporaryDirectory(prefix="mmft-quant-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mmft-quant-") as tmp, _quiet():
         pre = _preprocessed(Path(model_in), Path(tmp))
         quantize_dynamic(str(pre), str(model_out), op_types_to_quantize=TEXT_OPS, per_channel=True,
                          weight_type=QuantType.QInt8)
@@ -65,7 +79,7 @@ def quantize_image(model_in: str | Path, model_out: str | Path, calibration: np.
         raise ValueError("static quantization of the image tower needs calibration images; pass a gallery "
                          "sample (--calibration SHARDS)")
     reader = _Calibration(input_name, np.asarray(calibration, np.float32))
-    with tempfile.TemporaryDirectory(prefix="mmft-quant-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mmft-quant-") as tmp, _quiet():
         pre = _preprocessed(Path(model_in), Path(tmp))
         quantize_static(str(pre), str(model_out), reader, quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=IMAGE_OPS, per_channel=True, activation_type=QuantType.QUInt8,

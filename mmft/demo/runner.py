@@ -80,7 +80,7 @@ def run_demo(out_dir: str = RUNS_PREFIX, data_dir: str = DATA_PREFIX, configs_di
              limit: int | None = None, bundle: bool = False) -> dict:
     """Run the whole demo; returns the evaluation report (also written to out_dir/report).
 
-    bundle: end with a deployment bundle of the tuned model (int8 included, the index inside, the card
+    bundle: end with a deployment bundle of the tuned model (int8 text tower, the index inside, the card
     measured on the test sets) in out_dir/bundle, and one of the frozen base in out_dir/bundle-base.
     """
     from mmft.demo.datasets import build_demo_data
@@ -134,10 +134,10 @@ def run_demo(out_dir: str = RUNS_PREFIX, data_dir: str = DATA_PREFIX, configs_di
                       info={"runs": {"align": str(align), "head_only": str(head), "tuned": str(tuned_run)},
                             "demo_seconds": None})
     if bundle:
-        _say("and: deployment bundles (ONNX encoders fp32 + int8, tokenizer, index, model card)")
+        _say("and: deployment bundles (ONNX encoders, int8 text tower, tokenizer, index, model card)")
         from mmft.bundle.writer import export_bundle
 
-        out = export_bundle(tuned_run, Path(out_dir) / "bundle", quantize="int8", index_dir=index_dir,
+        out = export_bundle(tuned_run, Path(out_dir) / "bundle", quantize="int8-text", index_dir=index_dir,
                             eval_cfg=lora_cfg.eval, data_cfg=lora_cfg.data)
         export_bundle(tuned_run, Path(out_dir) / "bundle-base", index_dir=Path(out_dir) / "index-baseline")
         print(f"bundle: {out} (model card: {out / 'README.md'}); "
