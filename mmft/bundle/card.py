@@ -185,9 +185,9 @@ bundle = mmft.load_bundle("path/to/bundle")            # ONNX Runtime only; chec
 queries = bundle.encode_text(["a red apple"])          # (1, D) float32 unit rows
 images = bundle.encode_image([PIL.Image.open("x.jpg")])
 ```
-Serving: `mmft serve` with `base.backend: onnx` and this folder as a tenant's `adapter`
-(install `mmft[serve-onnx]`: no torch). Other runtimes: `image_encoder.onnx` takes `pixel_values`
-(N, 3, H, W) float32 made as `preprocess.json` says (resize, centre crop, /255, mean/std);
+Serving: `mmft serve` with `base.backend: onnx` and this folder as a tenant's `adapter` (the packages of
+the `serve-onnx` extra, no torch: see mmft's docs/export.md). Other runtimes: `image_encoder.onnx` takes
+`pixel_values` (N, 3, H, W) float32 made as `preprocess.json` says (resize, centre crop, /255, mean/std);
 `text_encoder.onnx` takes `input_ids` (N, L) int64 from `tokenizer.json` (the `tokenizers` package)."""
 
 LIMITS = """- Intended use: text→image and image→text retrieval over galleries like the evaluation sets above,
