@@ -1,13 +1,15 @@
-"""Training faults: kill -9 at random moments and resume, a full disk, damaged and planted checkpoints.
+"""Training faults: kill -9 at chosen or random moments, then resume to the uninterrupted run's adapter.
 
 A kill case trains the same configuration twice: once uninterrupted, once SIGKILLed at its planned
-moments (the whole process group: the trainer, its data workers, torchrun and its ranks) and started
-again after each kill until it finishes. Every kill must be followed by a clean resume, every checkpoint
-left on disk must read back, and the final adapter must equal the uninterrupted run's to the bit:
-`data lost` counts the adapter tensors that differ (or 1 for a run that never finished).
+moments (the whole process tree: the trainer, its data workers, torchrun and its ranks, frozen with
+SIGSTOP and then killed) and started again after each kill until it finishes. Every kill must be
+followed by a clean resume, every checkpoint left on disk must read back, and the final adapter must
+equal the uninterrupted run's to the bit: `data lost` counts the adapter tensors that differ (or 1 for
+a run that never finished).
 
 Most kills use a tiny ViT on tiny shards (32 px, with augmentation and LoRA dropout, so every RNG a
-resume restores is drawn); one case runs the demo's LoRA config exactly as the issue reported it.
+resume restores is drawn); one case runs the demo's LoRA config with the overrides of the issue that
+reported the resume bug (8 steps instead of 40). Every process runs on one thread.
 """
 from __future__ import annotations
 
@@ -291,7 +293,8 @@ def _tiny_case(work: Path, kills: list[Kill], *, workers: int = 1, validate: boo
                launcher: list[str] = PYTHON) -> Outcome:
     config = tiny_config(work, steps=TINY_STEPS, workers=workers, validate=validate)
     overrides = ["train.device=cpu"] if launcher is TORCHRUN else []
-    recipe = ("tiny", TINY_STEPS, workers, validate, launcher is TORCHRUN)
+    # validation leaves the training RNG alone, so a run with it ends like one without: one reference
+    recipe = ("tiny", TINY_STEPS, workers, launcher is TORCHRUN)
     return kill_and_resume(work, launcher, config, overrides, kills, recipe, threads=1)
 
 
