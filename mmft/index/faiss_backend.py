@@ -34,8 +34,9 @@ def default_factory(n: int, fp16: bool = False) -> str:
     """FAISS factory for a gallery of n vectors: exact below FLAT_MAX, else an inverted file.
 
     IVF with ~4 * sqrt(n) lists (a power of two: 4096 for 1M) scanned at `default_nprobe` lists per query;
-    on 1M clustered unit vectors (D=256, 2-core CPU) it answers ~20x faster than Flat at the same
-    recall@10 (tools/bench_index.py). fp16 stores the vectors as float16 (half the memory).
+    on 1M well-separated clustered unit vectors (D=256, 2-core CPU) it answered ~20x faster than Flat at
+    the same recall@10; where clusters overlap it loses recall, so measure it instead: index.target_recall
+    (mmft.index.tuning, docs/benchmarks.md). fp16 stores the vectors as float16 (half the memory).
     """
     code = "SQfp16" if fp16 else "Flat"
     if n < FLAT_MAX:
