@@ -30,9 +30,13 @@ def test_dry_run_measures_every_step_and_writes_the_report(tmp_path):
     assert {(r["cfg"]["kind"], r["cfg"]["impl"]) for r in loss} == {
         (k, i) for k in ("infonce", "sigmoid") for i in ("open_clip", "reference", "chunked")}
     assert all(r["res"]["time_s"] > 0 for r in loss)
-    assert [r["index"].split(" ")[0] for r in report["index"]] == ["Flat", "default"]
+    index = report["index"]
+    assert [(r["index"], r["device"]) for r in index][0] == ("Flat (exact)", "cpu")
+    assert [r["target"] for r in index] == [None, 0.9] and all(r["ms"] > 0 for r in index)
+    assert index[0]["recall"] == 1.0 and index[1]["recall"] >= 0.5
     page = (tmp_path / "gpu_check.md").read_text()
-    assert "open_clip.ClipLoss" in page and "| clustered" in page
+    assert "open_clip.ClipLoss" in page and "| separated | 4,000 | 0.90 |" in page
+    assert "No GPU rows" in page
 
 
 def test_report_says_what_did_not_run(tmp_path):

@@ -17,6 +17,8 @@ bound meets it (`choose`, what `mmft index build --target-recall` keeps); that p
 on 1,000 other queries it never saw, against exact Flat measured in the same run.
 Timing: the machine is shared, so queries/s is from process CPU time per FAISS thread (= wall time on
 an idle machine); the load average is printed beside the table.
+--gpu adds, where FAISS sees a GPU, rows for exact Flat and each chosen IVF index copied to GPU 0 (HNSW
+has no GPU form), timed by wall clock after a warm-up search, beside the CPU rows of the same run.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mmft.index.faiss_backend import new_faiss_index, set_search_params
+from mmft.index.faiss_backend import new_faiss_index, set_search_params, to_gpu
 from mmft.index.heldout import exact_topk, held_out_sample, recall_at_k
 from mmft.index.tuning import (
     candidate_factories,
@@ -181,8 +183,9 @@ def bench(name: str, n: int, args, threads: int) -> list[dict]:
     flat = new_faiss_index(gallery, "Flat")
     flat_build = time.time() - t
     flat_ms, found = cpu_ms(flat, eval_q, 10, threads)
-    base = {"set": name, "n": n, "build_s": flat_build, "memory": estimate_memory("Flat", n, DIM)}
-    rows = [{**base, "target": None, "index": "Flat (exact)", "ms": flat_ms, "tuning_s": None,
+    base = {"set": name, "n": n, "build_s": flat_build, "memory": estimate_memory("Flat", n, DIM),
+            "device": "cpu", "flat_ms": flat_ms}
+    rows = [{**base, "target": None, "index": "Flat (exact)", "factory": "Flat", "nprobe": None, "ms": flat_ms, "tuning_s": None,
              "recall": float(recall_at_k(found, exact_r, exact_s).mean()), "tuned_recall": 1.0}]
     print(_row(rows[0], flat_ms), flush=True)
     # the tuner's candidates, each built once and swept up to the highest target (CPU time per query)
@@ -207,9 +210,41 @@ def bench(name: str, n: int, args, threads: int) -> list[dict]:
         ms, found = cpu_ms(index, eval_q, 10, threads)
         label = describe_point(p) if p is not exact_point else "Flat (nothing faster meets it)"
         recall = float(recall_at_k(found, exact_r, exact_s).mean())
-        rows.append({**base, "target": target, "index": label, "build_s": p["build_s"], "memory": p["memory"],
+        rows.append({**base, "target": target, "index": label, "factory": p["factory"], "nprobe": p["nprobe"],
+                     "build_s": p["build_s"], "memory": p["memory"],
                      "ms": ms, "tuning_s": tuning_s, "recall": recall, "tuned_recall": p["recall"]})
         print(_row(rows[-1], flat_ms), flush=True)
+    if args.gpu:
+        rows += bench_gpu(rows, built, flat, eval_q, exact_r, exact_s)
+    return rows
+
+
+def bench_gpu(cpu_rows: list[dict], built: dict, flat, queries, exact_r, exact_s) -> list[dict]:
+    """GPU rows: exact Flat and each distinct chosen IVF index on GPU 0, wall ms per query."""
+    import faiss
+
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        print(f"# no GPU rows: this FAISS ({faiss.__version__}) has no GPU support or sees no GPU", flush=True)
+        return []
+    rows, seen = [], set()
+    for r in cpu_rows:
+        factory = r["factory"]
+        if (factory, r["nprobe"]) in seen or not (factory == "Flat" or factory.startswith("IVF")):
+            continue
+        seen.add((factory, r["nprobe"]))
+        cpu_index = built.get(factory, flat)
+        set_search_params(cpu_index, nprobe=r["nprobe"])  # the copy keeps it
+        t = time.perf_counter()
+        index = to_gpu(cpu_index, "always")
+        copy_s = time.perf_counter() - t
+        index.search(queries[:10], 10)  # warm-up: kernels load, memory is allocated
+        t = time.perf_counter()
+        _, found = index.search(queries, 10)
+        ms = 1000 * (time.perf_counter() - t) / len(queries)
+        recall = float(recall_at_k(found, exact_r, exact_s).mean())
+        rows.append({**r, "device": "gpu", "index": f"{r['index']} [GPU]", "build_s": copy_s, "ms": ms,
+                     "tuning_s": None, "recall": recall})
+        print(_row(rows[-1], r["flat_ms"]), flush=True)
     return rows
 
 
@@ -237,6 +272,7 @@ def main(argv=None) -> int:
     p.add_argument("--cache", default="data/bench", help="where caption embeddings are cached")
     p.add_argument("--train-sample", type=int, default=100_000)
     p.add_argument("--hnsw-max", type=int, default=2_000_000, help="no HNSW candidate above this size")
+    p.add_argument("--gpu", action="store_true", help="add GPU rows when FAISS sees a GPU")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.add_argument("-v", "--verbose", action="store_true", help="print every point of the tuning curves")
     args = p.parse_args(argv)

@@ -128,8 +128,8 @@ if [ "$DRY" = 1 ]; then
   cp "$OUT/gpu_tests.log" "$OUT/pytest.txt"
   step loss_bench 150 "$PY" tools/bench_loss.py --device cpu --dtypes float32 --batch-sizes 256 --dims 32 \
     --one-process --repeat 1 --budget 120 --json "$OUT/loss.jsonl"
-  step index_bench 60 "$PY" tools/bench_index.py --sizes 2000 --dim 32 --queries 200 --data clustered \
-    --sigma 1 --centres 20 --indexes default --repeat 1 --train-sample 2000 --json "$OUT/index.jsonl"
+  step index_bench 90 "$PY" tools/bench_index.py --sets separated --sizes 4000 --targets 0.9 --queries 200 \
+    --train-sample 4000 --gpu --json "$OUT/index.jsonl"
 else
   if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "gpu_check.sh: torch sees no CUDA device; use --dry-run for the CPU-sized check" >&2
@@ -144,8 +144,8 @@ else
   step loss_bench 190 "$PY" tools/bench_loss.py --device cuda --dtypes bfloat16,float16 \
     --batch-sizes 16384,65536,262144 --dims 512,768 --impls triton,chunked,open_clip,reference \
     --one-process --repeat 3 --budget 175 --json "$OUT/loss.jsonl"
-  step index_bench 90 "$PY" tools/bench_index.py --sizes 1000000 --dim 256 --queries 2000 --data clustered \
-    --sigma 1 --indexes default --gpu --repeat 2 --json "$OUT/index.jsonl"
+  step index_bench 150 "$PY" tools/bench_index.py --sets overlapping --sizes 1000000 --targets 0.9 0.95 \
+    --hnsw-max 0 --gpu --json "$OUT/index.jsonl"
 fi
 "$PY" tools/gpu_report.py "$OUT" ${DOCS:+--docs "$DOCS"} > /dev/null
 echo "gpu_check: $OUT/gpu_check.json and $OUT/gpu_check.md" >&2

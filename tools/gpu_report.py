@@ -20,9 +20,13 @@ sys.path.insert(0, str(TOOLS))
 
 
 def _jsonl(path: Path) -> list[dict]:
+    """Rows of a JSON Lines file (bench_loss) or of one JSON list (bench_index); none if it is missing."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+    text = path.read_text()
+    if text.lstrip().startswith("["):
+        return json.loads(text)
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
 def _steps(out: Path) -> list[dict]:
@@ -69,7 +73,7 @@ def markdown(report: dict) -> str:
     lines.append(bench_loss.table(loss) if loss else "not measured")
     lines += ["", "## FAISS index build and search", ""]
     if report["index"]:
-        lines += [bench_index.HEADER] + [bench_index._row(r, r["flat_qps_cpu"]) for r in report["index"]]
+        lines += [bench_index.HEADER] + [bench_index._row(r, r["flat_ms"]) for r in report["index"]]
         if not any(r["device"] == "gpu" for r in report["index"]):
             lines += ["", "No GPU rows: FAISS had no GPU support or saw no GPU."]
     else:
