@@ -31,7 +31,7 @@ def test_dry_run_measures_every_step_and_writes_the_report(tmp_path):
         (k, i) for k in ("infonce", "sigmoid") for i in ("open_clip", "reference", "chunked")}
     assert all(r["res"]["time_s"] > 0 for r in loss)
     index = report["index"]
-    assert [(r["index"], r["device"]) for r in index][0] == ("Flat (exact)", "cpu")
+    assert (index[0]["index"], index[0]["device"]) == ("Flat (exact)", "cpu")
     assert [r["target"] for r in index] == [None, 0.9] and all(r["ms"] > 0 for r in index)
     assert index[0]["recall"] == 1.0 and index[1]["recall"] >= 0.5
     page = (tmp_path / "gpu_check.md").read_text()

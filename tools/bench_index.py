@@ -185,8 +185,9 @@ def bench(name: str, n: int, args, threads: int) -> list[dict]:
     flat_ms, found = cpu_ms(flat, eval_q, 10, threads)
     base = {"set": name, "n": n, "build_s": flat_build, "memory": estimate_memory("Flat", n, DIM),
             "device": "cpu", "flat_ms": flat_ms}
-    rows = [{**base, "target": None, "index": "Flat (exact)", "factory": "Flat", "nprobe": None, "ms": flat_ms, "tuning_s": None,
-             "recall": float(recall_at_k(found, exact_r, exact_s).mean()), "tuned_recall": 1.0}]
+    rows = [{**base, "target": None, "index": "Flat (exact)", "factory": "Flat", "nprobe": None,
+             "ms": flat_ms, "tuning_s": None, "recall": float(recall_at_k(found, exact_r, exact_s).mean()),
+             "tuned_recall": 1.0}]
     print(_row(rows[0], flat_ms), flush=True)
     # the tuner's candidates, each built once and swept up to the highest target (CPU time per query)
     factories = [f for f in candidate_factories(n, DIM, hnsw_max=args.hnsw_max) if f != "Flat"]
@@ -224,7 +225,7 @@ def bench_gpu(cpu_rows: list[dict], built: dict, flat, queries, exact_r, exact_s
     import faiss
 
     if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
-        print(f"# no GPU rows: this FAISS ({faiss.__version__}) has no GPU support or sees no GPU", flush=True)
+        print(f"# no GPU rows: FAISS {faiss.__version__} has no GPU support or sees no GPU", flush=True)
         return []
     rows, seen = [], set()
     for r in cpu_rows:
