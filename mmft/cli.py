@@ -43,8 +43,15 @@ def cmd_eval(args) -> int:
     from mmft.rundir import RunDir
 
     cfg = _config(args)
+    against = {}
+    for item in args.against or []:
+        name, sep, run = item.partition("=")
+        if not sep or not name or not run:
+            raise SystemExit(f"--against takes NAME=RUN_DIR (e.g. head-only=runs/demo/domain-head), "
+                             f"got {item!r}")
+        against[name] = run
     report = evaluate_run(args.run, cfg.eval, args.out, index_cfg=cfg.index,
-                          data_cfg=cfg.data if args.config else None)
+                          data_cfg=cfg.data if args.config else None, against=against, last=args.last)
     out = Path(args.out) if args.out else RunDir(args.run).eval_dir
     print((out / "report.md").read_text() if (out / "report.md").is_file() else json.dumps(report, indent=1))
     return 0
@@ -236,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("eval", help="baseline vs tuned recall with CIs, LoRA-scale sweep, report.md + plots")
     sp.add_argument("--run", required=True, help="training run directory")
     sp.add_argument("--out", help="report directory (default RUN/eval)")
+    sp.add_argument("--against", action="append", metavar="NAME=RUN",
+                    help="another run on the same base, scored first: every delta is paired against it "
+                         "(repeatable; e.g. head-only=runs/demo/domain-head)")
+    sp.add_argument("--last", action="store_true", help="also score the run's last step beside the kept one")
     with_config(sp)
     sp.set_defaults(fn=cmd_eval)
 

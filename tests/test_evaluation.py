@@ -241,3 +241,45 @@ def test_evaluate_run_on_real_shards(tmp_path):
             direct["metrics"]["domain"][row]["i2t"]["mAP@10"]["value"])
     with pytest.raises(ValueError, match="eval.domain lists no shards"):
         evaluate_run(run, EvalConfig(), progress=False)
+
+
+def test_evaluate_run_against_another_run_pairs_every_delta_with_it(tmp_path):
+    """`mmft eval --against head-only=RUN --last`: the other run is scored first and as it is, every delta
+    is that row's paired difference, and the last-step row scores the run's adapter-last."""
+    pytest.importorskip("mmft.data.stream")
+    from PIL import Image
+
+    from mmft.cli import main
+    from mmft.data.shard_writer import make_shards
+
+    run, _, preprocess, tok = adapted_run_dir(tmp_path, seed=5)
+    (tmp_path / "other").mkdir()
+    other, other_model, _, _ = adapted_run_dir(tmp_path / "other", seed=6)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(10):
+        Image.new("RGB", (36, 36), (25 * i, 255 - 25 * i, (70 * i) % 255)).save(src / f"im{i:02d}.png")
+        (src / f"im{i:02d}.txt").write_text(f"swatch {i}\n")
+    make_shards(src, tmp_path / "shards", samples_per_shard=5, progress=False)
+    shards = [str(p) for p in sorted((tmp_path / "shards").glob("*.tar"))]
+    ecfg = EvalConfig(domain=shards, bootstrap=50, lora_scales=[0.0, 1.0])
+    report = evaluate_run(run, ecfg, tmp_path / "cmp", progress=False, against={"head-only": other},
+                          last=True)
+    assert report["rows"][:4] == ["head-only", "baseline", "tuned", "last step"]
+    metrics, deltas = report["metrics"]["domain"], report["deltas"]["domain"]
+
+    def value(row, d="i2t"):
+        return metrics[row][d]["mAP@10"]["value"]
+
+    assert set(deltas) == set(report["rows"][1:])
+    for row in ("baseline", "tuned"):
+        d = deltas[row]["t2i"]["mAP@10"]["value"]
+        assert d == pytest.approx(value(row, "t2i") - value("head-only", "t2i"))
+    direct = evaluate(other_model, {"domain": shards}, tokenizer=tok, preprocess=preprocess, eval_cfg=ecfg,
+                      rows=[EvalRow("m", None)], sweep=False, progress=False)
+    assert value("head-only") == pytest.approx(direct["metrics"]["domain"]["m"]["i2t"]["mAP@10"]["value"])
+    # this run keeps only adapter-last, so its kept step is its last step
+    assert value("last step") == pytest.approx(value("tuned"))
+    assert value("head-only") != pytest.approx(value("tuned"))
+    with pytest.raises(SystemExit, match="NAME=RUN_DIR"):
+        main(["eval", "--run", str(run), "--against", str(other)])

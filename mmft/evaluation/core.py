@@ -328,6 +328,11 @@ def evaluate(model, sets: dict[str, Any], *, tokenizer=None, preprocess=None,
     return report
 
 
+def _run_row(name: str, loaded) -> EvalRow:
+    """A report row scoring another loaded run (model, preprocess, tokenizer) as it is."""
+    return EvalRow(name, None, model=loaded.model, tokenizer=loaded.tokenizer, preprocess=loaded.preprocess)
+
+
 def _run_data_config(run_dir: Path):
     """The data section of the run's saved config (caption/group fields), or the defaults."""
     from mmft.config import ConfigError, DataConfig
@@ -345,12 +350,16 @@ def _run_data_config(run_dir: Path):
 def evaluate_run(run_dir: str | Path, eval_cfg: EvalConfig | None = None,
                  out_dir: str | Path | None = None, *,
                  index_cfg: IndexConfig | None = None, data_cfg=None, relevance: str | dict = "auto",
-                 seed: int = 0, progress: bool = True) -> dict:
+                 seed: int = 0, progress: bool = True, against: dict[str, str | Path] | None = None,
+                 last: bool = False) -> dict:
     """`mmft eval`: load base + adapter from `run_dir`, evaluate on eval_cfg.domain / .general, write the
     report.
 
     out_dir defaults to run_dir/eval; data_cfg (caption/group fields) defaults to the run's saved config;
     index_cfg: the settings of the index searches go through (see `evaluate`).
+    against: {row name: run directory} of other runs on the same base (say a head-only run); they come
+    first, so every delta is paired against the first of them. last: also a row for the run's last
+    step beside the kept (best) one.
     """
     from mmft.model.adapter import load_model
     from mmft.rundir import RunDir
@@ -362,8 +371,14 @@ def evaluate_run(run_dir: str | Path, eval_cfg: EvalConfig | None = None,
     run_dir = Path(run_dir)
     model, preprocess, tokenizer = load_model(run_dir)
     sets = {"domain": list(cfg.domain), **({"general": list(cfg.general)} if cfg.general else {})}
+    rows = None
+    if against or last:
+        rows = [_run_row(name, load_model(Path(other))) for name, other in (against or {}).items()]
+        rows += _default_rows(model)
+        if last:
+            rows.append(_run_row("last step", load_model(run_dir, adapter="last")))
     report = evaluate(model, sets, tokenizer=tokenizer, preprocess=preprocess, eval_cfg=cfg,
-                      index_cfg=index_cfg,
+                      index_cfg=index_cfg, rows=rows,
                       data_cfg=data_cfg or _run_data_config(run_dir), relevance=relevance,
                       out_dir=Path(out_dir) if out_dir is not None else RunDir(run_dir).eval_dir, seed=seed,
                       progress=progress, info={"run_dir": str(run_dir)})
