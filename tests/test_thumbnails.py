@@ -73,3 +73,54 @@ def test_index_build_writes_thumbnails_and_add_thumbnails_rewrites_them(shards, 
     plain, mapped = load_index(out, use_gpu="never"), load_index(out, mmap=True)
     for a, b in zip(plain.search(q, 5), mapped.search(q, 5)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_extend_keeps_the_old_jpegs_and_adds_the_new_images(shards, tmp_path):
+    from mmft.index.thumbnails import extend_thumbnails
+
+    old, new = tmp_path / "v1", tmp_path / "v2"
+    assert extend_thumbnails(old, shards, new) is None and not new.exists()  # no store: nothing written
+    write_thumbnails(shards[:1], old, size=20, quality=60)
+    before = open_thumbnails(old)
+    summary = extend_thumbnails(old, shards, new, keys=None)
+    after = open_thumbnails(new)
+    assert len(before) == 10 and summary["count"] == len(after) == 13 and summary["missing"] == 0
+    assert after.size == 20 and after.quality == 60  # the old store's settings
+    for key in before.items:
+        assert after.jpeg(key) == before.jpeg(key) and after.captions(key) == before.captions(key)
+    write_thumbnails(shards, tmp_path / "all", size=20, quality=60)
+    fresh = open_thumbnails(tmp_path / "all")
+    for key in set(after.items) - set(before.items):
+        assert after.jpeg(key) == fresh.jpeg(key)  # new images are thumbnailed as a full rewrite would
+
+
+def _names_used(path):
+    """String constants and identifiers (names, attributes, imported names) in a Python file."""
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            out.add(node.value)
+        elif isinstance(node, ast.Name):
+            out.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            out.add(node.attr)
+        elif isinstance(node, ast.alias):
+            out.add(node.name)
+    return out
+
+
+def test_only_the_thumbnails_module_spells_or_writes_the_store_files():
+    """The store's file names are spelt in one module, and only it touches thumbs.bin (the JPEG bytes)."""
+    from pathlib import Path
+
+    from mmft.index import thumbnails
+
+    package = Path(thumbnails.__file__).resolve().parents[1]
+    own = Path(thumbnails.__file__).resolve()
+    assert {"thumbs.bin", "THUMBS_BIN"} <= _names_used(own)
+    banned = {"thumbs.bin", "thumbs.json", "THUMBS_BIN"}  # THUMBS_JSON may be asked "is there a store?"
+    offenders = {str(p.relative_to(package)): sorted(banned & _names_used(p))
+                 for p in package.rglob("*.py") if p.resolve() != own}
+    assert {p: n for p, n in offenders.items() if n} == {}

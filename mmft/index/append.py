@@ -180,39 +180,6 @@ def append_vectors(index_dir: str | Path, vectors, ids, *, fingerprint: dict | N
                      rebuild_due=due, note=note)
 
 
-def _carry_thumbnails(old_dir: Path, new_dir: Path, shards, data_cfg, keys) -> None:
-    """The new version's thumbnail store: the old one's JPEGs and items, then those of the new images.
-
-    Follows the store format of mmft.index.thumbnails (thumbs.bin back to back, thumbs.json written last).
-    """
-    import shutil
-
-    from mmft.index import thumbnails as th
-    from mmft.io import atomic_path, write_json
-
-    if th.open_thumbnails(old_dir) is None:
-        return
-    meta = json.loads((old_dir / th.THUMBS_JSON).read_text())
-    tmp = new_dir / ".thumbs-new"
-    try:
-        added = th.write_thumbnails(shards, tmp, size=meta["size"], quality=meta.get("quality", 80),
-                                    data_cfg=data_cfg, keys=keys)
-        new_items = json.loads((tmp / th.THUMBS_JSON).read_text())["items"]
-        items = dict(meta["items"])
-        for key, (offset, length, captions) in new_items.items():
-            items.setdefault(key, [meta["bytes"] + offset, length, captions])
-        with atomic_path(new_dir / th.THUMBS_BIN) as out, open(out, "wb") as f:
-            for part in (old_dir / th.THUMBS_BIN, tmp / th.THUMBS_BIN):
-                with open(part, "rb") as src:
-                    shutil.copyfileobj(src, f)
-        missing = sum(1 for v in items.values() if v[1] == 0)
-        total = meta["bytes"] + added["bytes"]
-        write_json(new_dir / th.THUMBS_JSON, {**meta, "count": len(items), "bytes": total, "missing": missing,
-                                              "items": items})
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def add_to_index(index_dir: str | Path, shards, *, model=None, tokenizer=None, preprocess=None,
                  data_cfg=None, batch_size: int = 128, progress: bool = True) -> AddResult:
     """`mmft index add`: embed `shards` with the model the index pins and append them (see append_vectors).
@@ -224,6 +191,7 @@ def add_to_index(index_dir: str | Path, shards, *, model=None, tokenizer=None, p
     from mmft.embeddings import embed, model_fingerprint
     from mmft.index.core import _model_for
     from mmft.index.manifest import read_manifest
+    from mmft.index.thumbnails import extend_thumbnails
 
     root = Path(index_dir)
     manifest = read_manifest(root)
@@ -243,5 +211,6 @@ def add_to_index(index_dir: str | Path, shards, *, model=None, tokenizer=None, p
     old_dir = current_version(root)
     result = append_vectors(root, vectors, ids, fingerprint=model_fingerprint(m), source=source)
     if modality == "image" and is_specs:
-        _carry_thumbnails(old_dir, result.index.path, source["shards"], data_cfg, set(emb.keys))
+        extend_thumbnails(old_dir, source["shards"], result.index.path, data_cfg=data_cfg,
+                          keys=set(emb.keys))
     return result

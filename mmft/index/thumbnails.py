@@ -2,6 +2,7 @@
 
     write_thumbnails(["data/test-{00000..00003}.tar"], "runs/x/index")   # at index-build time
     add_thumbnails("runs/x/index")          # an index built before: reads the shards its manifest names
+    extend_thumbnails(old_version, new_shards, new_version)  # an append: old JPEGs + the new images
     store = open_thumbnails("runs/x/index") # None when the index has none
     store.jpeg("000123"), store.captions("000123")
 
@@ -68,13 +69,34 @@ def write_thumbnails(shards, out_dir: str | Path, *, size: int = 128, quality: i
     """
     if size <= 0:
         raise ThumbnailError(f"thumbnail size {size} must be a positive number of pixels")
-    out_dir = Path(out_dir)
+    return _write_store(shards, Path(out_dir), size, quality, data_cfg, keys, base=None)
+
+
+def extend_thumbnails(old_dir: str | Path, shards, new_dir: str | Path, *, data_cfg=None,
+                      keys=None) -> dict | None:
+    """Write into `new_dir` the store of `old_dir` plus the images of `shards` (an index append).
+
+    The old JPEGs are copied byte for byte and keep their entries; new images get the old store's size
+    and quality. keys: as for write_thumbnails. Returns the new store's summary, or None (and writes
+    nothing) when `old_dir` has no store.
+    """
+    old = open_thumbnails(old_dir)
+    if old is None:
+        return None
+    return _write_store(shards, Path(new_dir), old.size, old.quality, data_cfg, keys, base=old)
+
+
+def _write_store(shards, out_dir: Path, size: int, quality: int, data_cfg, keys, base) -> dict:
+    """thumbs.bin (base's bytes first, then the new JPEGs) and thumbs.json, written last."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / THUMBS_JSON).unlink(missing_ok=True)  # a half-rewritten store must not open
     wanted = None if keys is None else {str(k) for k in keys}
-    items: dict[str, list] = {}
+    items: dict[str, list] = {} if base is None else {k: list(v) for k, v in base.items.items()}
     offset = 0
     with atomic_path(out_dir / THUMBS_BIN) as tmp, open(tmp, "wb") as f:
+        if base is not None and base._map is not None:
+            f.write(base._map)
+            offset = len(base._map)
         for key, image, captions in _gallery_samples(shards, data_cfg):
             if (wanted is not None and key not in wanted) or key in items:
                 continue
@@ -128,6 +150,7 @@ class ThumbnailStore:
                                  "the store is damaged or half-replaced; rewrite it with "
                                  f"`mmft index thumbnails {self.path}`")
         self.size, self.items = int(meta["size"]), meta["items"]
+        self.quality = int(meta.get("quality", 80))
         self._map = None
         if actual > 0:
             with open(bin_path, "rb") as f:
