@@ -43,6 +43,10 @@ def test_training_lowers_loss_and_raises_recall(tmp_path):
     vals = [x for x in lines if x["event"] == "val"]
     assert losses[-1] < 0.7 * losses[0], losses
     assert vals and vals[-1]["mean_r1"] > before["mean_r1"] + 10, (before, vals[-1])
+    # later validations pair their queries with the first one's: the gain and its interval
+    assert "gain" not in vals[0] and vals[-1]["gain_since"] == vals[0]["step"]
+    assert vals[-1]["gain"] == pytest.approx(vals[-1]["mean"] - vals[0]["mean"])
+    assert vals[-1]["gain_ci95"][0] <= vals[-1]["gain"] <= vals[-1]["gain_ci95"][1]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 40 and 0 < summary["trainable_share"] < 0.1
     for d in ("adapter-best", "adapter-last"):

@@ -1,6 +1,6 @@
 import torch
 
-from mmft.training.validate import recall_from_embeddings
+from mmft.training.validate import paired_gain, recall_and_hits, recall_from_embeddings
 
 
 def _brute(img, txt, owner, groups, k):
@@ -61,3 +61,28 @@ def test_intervals_hold_the_metric_and_shrink_with_more_queries():
         expect = 2 * 1.96 * 100 * (p * (1 - p) / (2 * n)) ** 0.5  # two directions of n queries each
         assert 0.6 * expect < widths[n] < 1.6 * expect, (n, widths[n], expect)
     assert widths[40] > 2.5 * widths[640]
+
+
+def test_paired_gain_is_the_metric_difference_with_a_paired_interval():
+    """Two steps scored on the same queries: the gain is the difference of their `mean`, its interval
+    holds it, and because the draws pair the queries it is much narrower than the two steps' own
+    intervals side by side; another split gives nothing to pair with."""
+    g = torch.Generator().manual_seed(3)
+    n = 120
+    img = torch.nn.functional.normalize(torch.randn(n, 16, generator=g), dim=-1)
+    noise = torch.randn(n, 16, generator=g)
+    before, hits0 = recall_and_hits(img, torch.nn.functional.normalize(img + 1.2 * noise, dim=-1),
+                                    torch.arange(n))
+    after, hits1 = recall_and_hits(img, torch.nn.functional.normalize(img + 0.9 * noise, dim=-1),
+                                   torch.arange(n))
+    out = paired_gain(hits1, hits0)
+    assert abs(out["gain"] - (after["mean"] - before["mean"])) < 1e-9
+    lo, hi = out["gain_ci95"]
+    assert lo <= out["gain"] <= hi
+    unpaired = sum(m["mean_ci95"][1] - m["mean_ci95"][0] for m in (after, before))
+    assert hi - lo < 0.7 * unpaired, (hi - lo, unpaired)
+    assert lo > 0  # less noise on the same queries: a gain the paired draws can see
+    same = paired_gain(hits0, hits0)
+    assert same["gain"] == 0 and same["gain_ci95"] == [0.0, 0.0]
+    fewer = {d: [row[:-1] for row in h] for d, h in hits0.items()}
+    assert paired_gain(hits1, fewer) == {}

@@ -35,7 +35,7 @@ from mmft.rundir import RunDir
 
 log = logging.getLogger("mmft.training.state")
 # The TrainState fields a checkpoint restores (the rest belong to the process that runs).
-CHECKPOINTED = ("step", "epoch", "batch_in_epoch", "best", "bad_vals", "last_val", "resumes")
+CHECKPOINTED = ("step", "epoch", "batch_in_epoch", "best", "bad_vals", "last_val", "resumes", "first_val")
 # What else a checkpoint must hold (the trainer fills them in).
 REQUIRED = ("trainable", "optimizer", "scheduler", "scaler", "rng", "world_size", "accum_steps")
 START_OVER = "delete its checkpoints/ folder to start the run over"
@@ -68,6 +68,7 @@ class TrainState:
     bad_vals: int = 0  # validations in a row without improvement (early stopping)
     last_val: int | None = None  # step of the latest validation (a resumed run does not validate it again)
     resumes: list = field(default_factory=list)  # each resume: its step and the damaged checkpoints skipped
+    first_val: dict | None = None  # the run's first validation: step and per-query hits (gains pair with it)
     # this process's own bookkeeping, not checkpointed
     last_loss: float = math.nan  # global-batch loss of the latest step
     samples: int = 0  # samples trained on by all ranks since this process started

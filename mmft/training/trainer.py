@@ -47,7 +47,7 @@ from mmft.training.state import (
     trainable_state,
     writing,
 )
-from mmft.training.validate import retrieval_recall
+from mmft.training.validate import paired_gain, validation_scores
 
 log = logging.getLogger("mmft.training.trainer")
 
@@ -270,7 +270,13 @@ def _validate(s: Setup, st: TrainState) -> bool:
     st.last_val = st.step
     if s.val_data is None or s.tokenizer is None:
         return False
-    metrics = retrieval_recall(s.model, s.val_data, s.tokenizer, s.device) if s.is_main else {}
+    metrics = {}
+    if s.is_main:
+        metrics, hits = validation_scores(s.model, s.val_data, s.tokenizer, s.device)
+        if st.first_val is None:
+            st.first_val = {"step": st.step, "hits": hits}
+        else:  # what validation can see of the change since the run's first validation
+            metrics.update(paired_gain(hits, st.first_val["hits"]), gain_since=st.first_val["step"])
     metrics = dist_utils.broadcast_object(metrics)
     score = metrics[tcfg.val_metric]
     improved = score > st.best["score"]

@@ -10,6 +10,12 @@ over the validation queries (captions and images resampled, each direction on it
 counts. On the demo's 45-image split (103 captions) the head-only run's `mean` of 30.1 has the interval
 24.1-36.6, so steps a few points apart are not told apart; the best step's interval goes to
 summary.json with its metrics.
+
+Independent intervals overstate the noise of a difference between two steps scored on the same
+queries: every validation after the run's first also logs `gain` (its `mean` minus the first
+validation's) with `gain_ci95`, a paired bootstrap interval (both steps' hit vectors resampled with
+the same queries). The best step's gain over the start is the figure that says whether training
+moved anything validation can see.
 """
 from __future__ import annotations
 
@@ -53,6 +59,12 @@ def recall_from_embeddings(img: torch.Tensor, txt: torch.Tensor, owner: torch.Te
     Instance relevance: a caption's own image, an image's own captions. With `groups` (N,) the relevance
     is class-level: any image (caption) of the same group counts. An image without captions is a miss.
     """
+    return recall_and_hits(img, txt, owner, groups, ks)[0]
+
+
+def recall_and_hits(img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor, groups=None,
+                    ks=(1, 5)) -> tuple[dict, dict]:
+    """(recall_from_embeddings' metrics, per-query hits from `hit_vectors`)."""
     img_labels = np.arange(img.shape[0]) if groups is None else groups.numpy().astype(np.int64)  # (N,)
     cap_labels = img_labels[owner.numpy()]  # (M,)
     img_np, txt_np = img.float().numpy(), txt.float().numpy()
@@ -65,7 +77,29 @@ def recall_from_embeddings(img: torch.Tensor, txt: torch.Tensor, owner: torch.Te
         out[f"mean_r{k}"] = (out[f"t2i_r{k}"] + out[f"i2t_r{k}"]) / 2
     out["mean"] = sum(out[f"mean_r{k}"] for k in ks) / len(ks)  # steadier than R@1 on small val splits
     out.update(_intervals(ranks, ks))
-    return out
+    return out, hit_vectors(ranks, ks)
+
+
+def hit_vectors(ranks: dict, ks) -> dict:
+    """{direction: (|ks|, Q) 0/1 lists}: whether each query hit within each k (the first validation's are
+    checkpointed, so they are plain lists)."""
+    return {d: [((r >= 1) & (r <= k)).astype(np.int8).tolist() for k in ks] for d, r in ranks.items()}
+
+
+def paired_gain(hits: dict, first: dict, n: int = 500) -> dict:
+    """`mean` of `hits` minus `mean` of `first` (points), with a paired 95% bootstrap interval: each draw
+    resamples one direction's queries once for both steps (hit vectors from `hit_vectors`)."""
+    if set(hits) != set(first) or any(np.shape(hits[d]) != np.shape(first[d]) for d in hits):
+        return {}  # the validation split changed (another config): nothing to pair with
+    diffs = []
+    for i, d in enumerate(sorted(hits)):
+        both = np.concatenate([np.asarray(hits[d], np.float64), np.asarray(first[d], np.float64)])
+        draws = M.bootstrap_means(both, n, seed=i)  # (n, 2|ks|): this step's ks, then the first's
+        k = len(hits[d])
+        diffs.append(draws[:, :k].mean(1) - draws[:, k:].mean(1))  # (n,)
+    gain = 50.0 * (diffs[0] + diffs[1])  # (n,) points: the directions averaged, as in `mean`
+    point = 50.0 * sum(np.mean(hits[d]) - np.mean(first[d]) for d in hits)
+    return {"gain": float(point), "gain_ci95": list(M.percentile_ci(gain))}
 
 
 def _intervals(ranks: dict, ks, n: int = 500) -> dict:
@@ -83,3 +117,8 @@ def _intervals(ranks: dict, ks, n: int = 500) -> dict:
 def retrieval_recall(model, batches: Iterable[dict], tokenizer, device) -> dict:
     """Recall@1/5 text->image, image->text and their means on eval batches {"image", "captions"}."""
     return recall_from_embeddings(*embed_eval_batches(model, batches, tokenizer, device))
+
+
+def validation_scores(model, batches: Iterable[dict], tokenizer, device) -> tuple[dict, dict]:
+    """(retrieval_recall's metrics, per-query hits): what the trainer's validation logs and pairs."""
+    return recall_and_hits(*embed_eval_batches(model, batches, tokenizer, device))

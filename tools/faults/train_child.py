@@ -53,7 +53,7 @@ def _hang_in_checkpoint_write(step: int, flag: Path) -> None:
 def _hang_in_validation(ordinal: int, flag: Path) -> None:
     from mmft.training import trainer
 
-    real, calls = trainer.retrieval_recall, [0]
+    real, calls = trainer.validation_scores, [0]
 
     def stopping(model, batches, tokenizer, device):
         calls[0] += 1
@@ -65,7 +65,7 @@ def _hang_in_validation(ordinal: int, flag: Path) -> None:
                 yield batch
         return real(model, first_batch_then_still(), tokenizer, device)
 
-    trainer.retrieval_recall = stopping
+    trainer.validation_scores = stopping
 
 
 def _full_disk_after(step: int) -> None:
