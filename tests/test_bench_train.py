@@ -27,17 +27,16 @@ def write_shard(path: Path, n: int, size: int = 48, start: int = 0) -> Path:
     """img2dataset-style shard: <key>.png + <key>.txt (two caption lines, the first with quotes and a tab)."""
     from PIL import Image
 
-    with tarfile.open(path, "w") as tar:
-        for i in range(start, start + n):
-            img = Image.new("RGB", (size, size), ((37 * i) % 256, (91 * i) % 256, (151 * i) % 256))
-            buf = io.BytesIO()
-            img.save(buf, format="PNG")
-            caption = f'a "shape"\tnumber {i}\nkeywords: {i % 3}\n'.encode()
-            for name, data in ((f"{i:06d}.png", buf.getvalue()), (f"{i:06d}.txt", caption)):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return path
+    from mmft.data.shard_writer import write_tar
+
+    members = []
+    for i in range(start, start + n):
+        img = Image.new("RGB", (size, size), ((37 * i) % 256, (91 * i) % 256, (151 * i) % 256))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        caption = f'a "shape"\tnumber {i}\nkeywords: {i % 3}\n'.encode()
+        members += [(f"{i:06d}.png", buf.getvalue()), (f"{i:06d}.txt", caption)]
+    return Path(write_tar(path, members))
 
 
 def test_tsv_reads_back_as_open_clip_reads_it(bench, tmp_path):

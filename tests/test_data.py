@@ -17,6 +17,7 @@ from torchvision import transforms as T
 
 from mmft.config import DataConfig
 from mmft.data import stages as st
+from mmft.data.shard_writer import write_tar
 from mmft.data.stream import (
     DataError,
     SkipStats,
@@ -62,15 +63,6 @@ def sample(key: str, captions=("a photo",), group: str | None = None, fmt: str =
             (f"{key}.json", json.dumps(meta).encode())]
 
 
-def write_shard(path, members: list[tuple[str, bytes]]) -> str:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return str(path)
-
-
 def write_dataset(root, shards: int, per_shard: int, prefix: str = "s", group_every: int = 0) -> list[str]:
     """`shards` shards of `per_shard` samples, keys '<prefix><shard>_<i>', two captions each."""
     root.mkdir(parents=True, exist_ok=True)
@@ -81,7 +73,7 @@ def write_dataset(root, shards: int, per_shard: int, prefix: str = "s", group_ev
             key = f"{prefix}{s:02d}_{i:03d}"
             group = f"g{(s * per_shard + i) // group_every}" if group_every else None
             members += sample(key, (f"first {key}", f"second {key}"), group=group, seed=s * 1000 + i)
-        paths.append(write_shard(root / f"{prefix}-{s:05d}.tar", members))
+        paths.append(write_tar(root / f"{prefix}-{s:05d}.tar", members))
     return paths
 
 
@@ -344,9 +336,9 @@ def test_bad_samples_and_shards_are_skipped_and_counted(tmp_path):
            + [("no_img.txt", b"caption only"), ("latin1.png", image_bytes(1)),
               ("latin1.txt", b"caf\xe9 \xff")])
     bad[0] = ("bad_img.png", b"\x89PNG not really an image")
-    write_shard(tmp_path / "s-00002.tar", bad)
-    truncated = write_shard(tmp_path / "s-00003.tar",
-                            sample("t1", seed=7) + sample("t2", seed=8) + sample("t3", seed=9))
+    write_tar(tmp_path / "s-00002.tar", bad)
+    truncated = write_tar(tmp_path / "s-00003.tar",
+                          sample("t1", seed=7) + sample("t2", seed=8) + sample("t3", seed=9))
     with tarfile.open(truncated) as tar:
         cut = tar.getmember("t2.png").offset_data + 100
     (tmp_path / "s-00003.tar").write_bytes((tmp_path / "s-00003.tar").read_bytes()[:cut])  # inside t2's image
@@ -406,8 +398,8 @@ def test_make_train_transform_reads_the_model_preprocess():
 
 
 def test_count_agrees_with_reader_wherever_a_shard_is_cut(tmp_path):
-    path = write_shard(tmp_path / "full.tar",
-                       sample("k1", seed=1) + sample("k2", seed=2) + sample("k3", seed=3))
+    path = write_tar(tmp_path / "full.tar",
+                     sample("k1", seed=1) + sample("k2", seed=2) + sample("k3", seed=3))
     raw = (tmp_path / "full.tar").read_bytes()
     for cut in range(0, len(raw) + 1, 97):
         (tmp_path / "cut.tar").write_bytes(raw[:cut])

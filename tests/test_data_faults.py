@@ -11,9 +11,10 @@ import zlib
 from pathlib import Path
 
 import pytest
-from test_data import PREPROCESS, cfg, keys_of, sample, tokenize, write_shard
+from test_data import PREPROCESS, cfg, keys_of, sample, tokenize
 
 from mmft.data import stages as st
+from mmft.data.shard_writer import write_tar
 from mmft.data.stream import SkipStats, count_samples, eval_loader, train_loader
 
 
@@ -31,7 +32,7 @@ def png_claiming(width: int, height: int) -> bytes:
 
 def truncated_shard(path: Path) -> str:
     """Three samples, the file cut inside the second one's image."""
-    write_shard(path, sample("t1", seed=1) + sample("t2", seed=2) + sample("t3", seed=3))
+    write_tar(path, sample("t1", seed=1) + sample("t2", seed=2) + sample("t3", seed=3))
     with tarfile.open(path) as tar:
         cut = tar.getmember("t2.png").offset_data + 50
     path.write_bytes(path.read_bytes()[:cut])
@@ -47,7 +48,7 @@ def test_a_truncated_shard_read_by_several_eval_workers_is_counted_once(tmp_path
 
 
 def test_bad_shards_shared_by_train_workers_are_counted_once(tmp_path):
-    good = write_shard(tmp_path / "s-00000.tar", [m for i in range(8) for m in sample(f"g{i}", seed=i)])
+    good = write_tar(tmp_path / "s-00000.tar", [m for i in range(8) for m in sample(f"g{i}", seed=i)])
     cut = truncated_shard(tmp_path / "s-00001.tar")
     (tmp_path / "s-00002.tar").write_bytes(b"not a tar" * 100)
     specs = [good, cut, str(tmp_path / "s-00002.tar")]  # 3 shards for 2 ranks x 2 workers
@@ -66,7 +67,7 @@ def test_members_named_outside_the_shard_never_become_keys(tmp_path):
     members = (sample("ok", seed=1) + [("../evil.png", sample("x")[0][1]), ("../evil.txt", b"escape")]
                + [("/abs/evil.png", sample("y")[0][1]), ("/abs/evil.txt", b"absolute")]
                + [("a/../../up.txt", b"climb")] + sample("ok2", seed=2))
-    path = write_shard(tmp_path / "s.tar", members)
+    path = write_tar(tmp_path / "s.tar", members)
     before = sorted(p.name for p in tmp_path.parent.iterdir())
     stream = eval_loader([path], cfg([path]), PREPROCESS, num_workers=1)
     assert keys_of(stream) == ["ok", "ok2"]
@@ -108,7 +109,7 @@ def test_each_kind_of_bad_sample_is_counted_once_with_two_workers(tmp_path):
     for i, (name, parts) in enumerate(bad.items()):
         members += sample(f"good{i}", seed=10 + i)
         members += [(f"{name}.{n.split('.', 1)[1]}", data) for n, data in parts]
-    path = write_shard(tmp_path / "s.tar", members)
+    path = write_tar(tmp_path / "s.tar", members)
     stream = eval_loader([path], cfg([path]), PREPROCESS, num_workers=2)
     assert sorted(keys_of(stream)) == [f"good{i}" for i in range(len(bad))]
     assert stream.stats.as_dict() == {"bad_image": 2, "bad_text": 1, "empty_caption": 1,
@@ -118,7 +119,7 @@ def test_each_kind_of_bad_sample_is_counted_once_with_two_workers(tmp_path):
 def test_broken_json_is_a_bad_sample_when_captions_come_from_json(tmp_path):
     broken = [("bad.png", sample("x")[0][1]), ("bad.json", b'{"caption": "unterminated')]
     members = sample("good", seed=1) + broken
-    path = write_shard(tmp_path / "s.tar", members)
+    path = write_tar(tmp_path / "s.tar", members)
     stream = eval_loader([path], cfg([path], caption_key="json"), PREPROCESS, num_workers=1)
     assert keys_of(stream) == ["good"] and stream.stats.as_dict() == {"bad_text": 1}
 
@@ -133,7 +134,7 @@ def test_read_shard_without_counting_still_cuts_the_shard_short(tmp_path):
 @pytest.mark.parametrize("sizes", ['{"s.tar": -3}', '{"s.tar": "12"}', '{"s.tar": true}', '[12]',
                                    '{"s.tar": 1'])
 def test_a_bad_sizes_json_is_ignored_with_a_warning_naming_it(tmp_path, caplog, sizes):
-    path = write_shard(tmp_path / "s.tar", sample("a", seed=1) + sample("b", seed=2))
+    path = write_tar(tmp_path / "s.tar", sample("a", seed=1) + sample("b", seed=2))
     (tmp_path / "sizes.json").write_text(sizes)
     assert count_samples([path]) == 2  # counted from the tar headers instead
     assert str(tmp_path / "sizes.json") in caplog.text

@@ -18,6 +18,7 @@ from mmft.data.shard_writer import (
     make_shards,
     parse_splits,
     prepare_images,
+    write_tar,
 )
 
 
@@ -269,3 +270,15 @@ def test_tools_script_is_the_cli_verb(tmp_path):
                          capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert "wrote 1 samples" in out.stdout and (tmp_path / "out" / "shard-00000.tar").is_file()
+
+
+def test_write_tar_keeps_every_member_as_given_and_is_reproducible(tmp_path):
+    members = [("k1.png", b"\x89PNG not an image"), ("k1.txt", b"a caption\n"), ("../up.txt", b""),
+               ("k0.json", b"{}"), ("k1.txt", b"a second k1.txt")]  # odd names and order stay as given
+    first = write_tar(tmp_path / "sub" / "a.tar", members)
+    with tarfile.open(first) as tar:
+        back = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    assert first == str(tmp_path / "sub" / "a.tar") and back == members
+    write_tar(tmp_path / "b.tar", members)
+    assert (tmp_path / "b.tar").read_bytes() == Path(first).read_bytes()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.tar", "b.tar", "sub"]  # no temp file left

@@ -23,7 +23,6 @@ import itertools
 import os
 import resource
 import sys
-import tarfile
 import tempfile
 import time
 from multiprocessing import get_context
@@ -50,18 +49,18 @@ def make_images(n: int, side: int, fmt: str, seed: int = 0) -> list[bytes]:
 
 def write_shards(images: list[bytes], fmt: str, out_dir: str, per_shard: int = 250) -> str:
     """img2dataset-style shards (image + one-line .txt caption); returns the brace pattern."""
+    from mmft.data.shard_writer import write_tar
+
     words = ["grey", "woven", "textile", "fabric", "with", "small", "dark", "speckled", "blob", "defect",
              "diagonal", "streaks", "fine", "even"]
     rng = np.random.default_rng(1)
     count = (len(images) + per_shard - 1) // per_shard
     for s in range(count):
-        with tarfile.open(os.path.join(out_dir, f"bench-{s:05d}.tar"), "w") as tar:
-            for i in range(s * per_shard, min(len(images), (s + 1) * per_shard)):
-                caption = " ".join(rng.choice(words, size=rng.integers(5, 12))).encode()
-                for ext, data in ((fmt, images[i]), ("txt", caption)):
-                    info = tarfile.TarInfo(f"{i:09d}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+        members = []
+        for i in range(s * per_shard, min(len(images), (s + 1) * per_shard)):
+            caption = " ".join(rng.choice(words, size=rng.integers(5, 12))).encode()
+            members += [(f"{i:09d}.{fmt}", images[i]), (f"{i:09d}.txt", caption)]
+        write_tar(os.path.join(out_dir, f"bench-{s:05d}.tar"), members)
     return os.path.join(out_dir, f"bench-{{00000..{count - 1:05d}}}.tar")
 
 

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from mmft.data.stages import too_many_pixels
-from mmft.io import write_json
+from mmft.io import atomic_path, write_json
 
 SHARD_DIGITS = 5
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -407,6 +407,23 @@ def write_shards(records: Iterable[dict], out_dir: str | Path, *, prefix: str = 
         for split, w in sorted(writers.items())
     }
     return {"splits": splits, "sizes": sizes}
+
+
+def write_tar(path: str | Path, members: Iterable[tuple[str, bytes]]) -> str:
+    """Write a tar holding exactly `members`, (name, bytes) pairs in order, atomically; returns its path.
+
+    write_shards lays out well-formed samples; this writes whatever names it is given, for shards it
+    cannot express (damaged samples, unsafe names: the tests and the fault suite) and benchmark data.
+    Members carry mtime 0, so the same members give the same bytes.
+    """
+    import tarfile
+
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
 
 
 def check_output_dir(out_dir: str | Path, overwrite: bool) -> None:

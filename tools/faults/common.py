@@ -12,7 +12,6 @@ import io
 import json
 import subprocess
 import sys
-import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,16 +116,6 @@ def good_sample(key: str, seed: int) -> list[tuple[str, bytes]]:
     meta = json.dumps({"caption": [f"a photo of {key}"]}).encode()
     caption = f"a photo of {key}".encode()
     return [(f"{key}.png", image_bytes(seed)), (f"{key}.txt", caption), (f"{key}.json", meta)]
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 def png_bomb(width: int, height: int) -> bytes:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from faults.common import Outcome, good_sample, image_bytes, png_bomb, preprocess, tokenize, write_tar
+from faults.common import Outcome, good_sample, image_bytes, png_bomb, preprocess, tokenize
+from mmft.data.shard_writer import write_tar
 
 
 def bad_samples() -> dict[str, tuple[list, str, str]]:

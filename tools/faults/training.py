@@ -24,7 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from faults.common import ROOT, TINY_VIT, Outcome, good_sample, write_tar
+from faults.common import ROOT, TINY_VIT, Outcome, good_sample
+from mmft.data.shard_writer import write_tar
 
 CHILD = Path(__file__).resolve().parent / "train_child.py"
 DEMO_CONFIG = ROOT / "mmft" / "demo" / "configs" / "domain_lora.yaml"
