@@ -57,6 +57,19 @@ def tiny_timm_hf_config(hf_dir) -> dict:
     }
 
 
+def move_packaged_text_tower(tmp_path, monkeypatch):
+    """From now on the factory finds mmft-mini's packaged MiniLM folder elsewhere (a symlink under
+    tmp_path), as in a virtual environment at another path; returns that folder."""
+    from mmft.model import factory
+
+    eff, text = factory.packaged_tower_paths()
+    moved = tmp_path / "elsewhere" / "site-packages" / "model"
+    moved.parent.mkdir(parents=True)
+    moved.symlink_to(text, target_is_directory=True)
+    monkeypatch.setattr(factory, "packaged_tower_paths", lambda: (eff, moved))
+    return moved
+
+
 def make_pairs(n: int, size: int = 32, seed: int = 0):
     """n (PIL image, caption, group) triples: a coloured shape on a grey ground, captioned by colour and
     shape."""

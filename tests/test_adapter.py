@@ -196,3 +196,40 @@ def test_base_checkpoint_with_a_pickle_payload_is_refused_without_running_it(tmp
     assert not marker.exists() and "\n" not in str(exn.value)
     torch.save(state, tmp_path / "base.pt")  # the same tensors as a plain state dict load
     assert create_model(cfg)[0].mmft_identity["sha256"]
+
+
+def test_mmft_mini_adapter_moves_between_environments_and_old_adapters_load_where_made(tmp_path, monkeypatch):
+    from conftest import move_packaged_text_tower
+
+    from mmft.model.adapter import check_identity
+    from mmft.model.factory import base_identity, mini_model_config
+
+    model, *_ = create_model(ModelConfig(image_size=64))
+    apply_lora(model, LoraConfig())
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(std=0.02)
+    save_adapter(model, tmp_path / "new")
+    # an adapter saved before the digest left the install path out: its arch is this machine's old digest
+    meta = json.loads((tmp_path / "new" / "adapter_config.json").read_text())
+    old = {k: v for k, v in meta["base_model"].items() if k != "arch_legacy"}
+    old["arch"] = meta["base_model"]["arch_legacy"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "adapter_model.safetensors").write_bytes(
+        (tmp_path / "new" / "adapter_model.safetensors").read_bytes())
+    (tmp_path / "old" / "adapter_config.json").write_text(json.dumps({**meta, "base_model": old}))
+    load_adapter(model, tmp_path / "old")
+    # a base of another architecture is refused, under the new digest and under the old one alike
+    for embed_dim, image_size in ((128, 64), (256, 96)):
+        other = base_identity(ModelConfig(image_size=image_size, embed_dim=embed_dim),
+                              mini_model_config(image_size, embed_dim))
+        for arch in (other["arch"], other["arch_legacy"]):
+            with pytest.raises(AdapterMismatchError, match=r"\(arch differ\)"):
+                check_identity({**other, "arch": arch}, model, "the adapter")
+    move_packaged_text_tower(tmp_path, monkeypatch)  # the same base in a virtual environment elsewhere
+    there, *_ = create_model(ModelConfig(image_size=64))
+    load_adapter(there, tmp_path / "new")
+    assert adapter_digest(there) == adapter_digest(model)
+    with pytest.raises(AdapterMismatchError, match=r"\(arch differ\)"):  # the old digest names the old path
+        load_adapter(there, tmp_path / "old")

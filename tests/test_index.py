@@ -337,3 +337,28 @@ def test_damaged_index_folder_is_refused_in_one_sentence_naming_it(tmp_path, kin
     with pytest.raises(IndexLoadError) as exn:
         load_index(tmp_path / "ix")
     assert str(tmp_path / "ix") in str(exn.value) and "\n" not in str(exn.value)
+
+
+def test_mmft_mini_index_moves_between_environments_and_old_indexes_load_where_made(tmp_path, monkeypatch):
+    from conftest import move_packaged_text_tower
+
+    from mmft.index.manifest import check_fingerprint, fingerprint_diffs
+    from mmft.model.factory import base_identity, mini_model_config
+
+    def fp(ident):
+        return {"model": ident, "adapter_sha256": "ab" * 32, "lora_scale": 1.0}
+
+    here = base_identity(ModelConfig(), mini_model_config())
+    old = {**{k: v for k, v in here.items() if k != "arch_legacy"}, "arch": here["arch_legacy"]}
+    move_packaged_text_tower(tmp_path, monkeypatch)
+    there = base_identity(ModelConfig(), mini_model_config())
+    check_fingerprint(fp(here), fp(there), "new-index")  # built here, queried elsewhere
+    check_fingerprint(fp(old), fp(here), "old-index")  # built here before the digest was portable
+    check_fingerprint(fp(here), fp(old), "new-index")  # ... and queried with an old adapter's identity
+    assert fingerprint_diffs(fp(old), fp(there)) == ["the base model"]  # the old digest names the old path
+    with pytest.raises(StaleIndexError, match="the base model differs"):
+        check_fingerprint(fp(old), fp(there), "old-index")
+    bigger = base_identity(ModelConfig(image_size=192), mini_model_config(image_size=192))
+    for ident in (bigger, {**bigger, "arch": bigger["arch_legacy"]}):
+        with pytest.raises(StaleIndexError, match="the base model differs"):
+            check_fingerprint(fp(ident), fp(there), "other-index")

@@ -149,3 +149,22 @@ def test_trimmed_tokens_give_the_features_of_full_length_tokens():
 def test_open_clip_text_transformer_keeps_the_context_length(tiny_vit_cfg):
     _, _, _, tokenizer = create_model(tiny_vit_cfg)
     assert tokenizer(["a cat"]).shape[1] == tiny_vit_cfg.model_cfg["text_cfg"]["context_length"]
+
+
+def test_mmft_mini_identity_does_not_depend_on_where_its_towers_are_installed(tmp_path, monkeypatch):
+    from conftest import move_packaged_text_tower
+
+    from mmft.model.factory import base_identity, mini_model_config
+    from mmft.model.identity import same_base
+
+    here = base_identity(ModelConfig(), mini_model_config())
+    moved = move_packaged_text_tower(tmp_path, monkeypatch)
+    arch = mini_model_config()
+    assert arch["text_cfg"]["hf_model_name"] == str(moved)
+    there = base_identity(ModelConfig(), arch)
+    assert there["arch"] == here["arch"] and there["sha256"] == here["sha256"] and same_base(here, there)
+    # the path-bearing digest recorded before is this machine's own, and differs between the two
+    assert there["arch_legacy"] != here["arch_legacy"] != here["arch"]
+    # a Hugging Face folder the user names stays part of the architecture (only the packaged path is a token)
+    own = {**arch, "text_cfg": {**arch["text_cfg"], "hf_model_name": str(tmp_path / "my-minilm")}}
+    assert base_identity(ModelConfig(), own)["arch"] != there["arch"]

@@ -18,6 +18,7 @@ import numpy as np
 
 from mmft.bundle.manifest import read_manifest
 from mmft.bundle.runtime import Bundle, load_bundle
+from mmft.model.identity import same_base
 
 
 class OnnxEncoder:
@@ -69,7 +70,7 @@ class OnnxEncoder:
             raise ValueError(f"bundle {bundle.path} was exported at LoRA scale {exported:g} but the tenant "
                              f"asks for {lora_scale:g}: set lora_scale to {exported:g} or export the bundle "
                              f"again with --lora-scale {lora_scale:g}")
-        if self.base is not None and fp.get("model") != self.base.fingerprint().get("model"):
+        if self.base is not None and not same_base(fp.get("model"), self.base.fingerprint().get("model")):
             raise ValueError(f"bundle {bundle.path} was exported from another base model than base.bundle "
                              f"{self.base.path}: one service shares one base; serve it from a second service")
         if self.dim is not None and bundle.dim != self.dim:

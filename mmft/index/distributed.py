@@ -36,7 +36,7 @@ from mmft.index.faiss_backend import (
     training_rows,
     unit_rows,
 )
-from mmft.index.manifest import fingerprint_of
+from mmft.index.manifest import fingerprint_diffs
 from mmft.io import atomic_path, write_json
 from mmft.rundir import RunDir
 
@@ -191,7 +191,7 @@ class _Parts:
         full = [e for e in self.emb if len(e.keys)]
         self.meta = full[0].meta if full else {}
         for d, e in zip(self.dirs, self.emb):
-            if len(e.keys) and fingerprint_of(e.meta) != fingerprint_of(self.meta):
+            if len(e.keys) and fingerprint_diffs(e.meta, self.meta):
                 raise ValueError(f"part {d} was embedded with another model, adapter or LoRA scale than "
                                  f"{self.dirs[0]}; embed all parts with one run and one --lora-scale")
 

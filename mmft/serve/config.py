@@ -216,6 +216,7 @@ def check_config(cfg: ServeConfig) -> None:
     index with the shared base), raising StaleIndexError with load_index's sentence.
     """
     from mmft.index.manifest import check_fingerprint, read_manifest
+    from mmft.model.identity import same_base
 
     if cfg.base.backend != "torch":  # other backends' adapters are their own folders: checked at load
         return
@@ -224,7 +225,7 @@ def check_config(cfg: ServeConfig) -> None:
         adapter = tenant_adapter(t)
         meta = _adapter_meta(adapter, name) if adapter is not None else None
         if meta is not None:
-            if base_ident is not None and meta.get("base_model") != base_ident:
+            if base_ident is not None and not same_base(meta.get("base_model"), base_ident):
                 raise ConfigError(f"tenant '{name}' was trained on another base model than the tenants "
                                   "before it: one service shares one base; serve it from a second service")
             base_ident = meta.get("base_model")
