@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -237,3 +238,56 @@ def test_a_failed_write_stops_in_one_sentence_and_the_run_resumes(tmp_path, afte
     again = run(-1)  # space is back
     assert again.returncode == 0, again.stderr[-2000:]
     assert [r["step"] for r in run_dir.summary()["resumes"]] == [after] and run_dir.summary()["steps"] == 4
+
+
+def test_a_resume_rewinds_the_log_to_its_checkpoint(tmp_path, monkeypatch):
+    """Killed after logging step 5 but before its checkpoint (checkpoints every 2): the resumed run
+    starts at step 4 and logs 5 and 6 again, so the killed run's step-5 record (and a line the kill cut
+    short) must go, and the resume is logged."""
+    class Stop(Exception):
+        pass
+
+    orig = state_mod.Checkpointer.save
+
+    def save(self, state, at):
+        if at == 6:
+            raise Stop  # dies before writing checkpoint 6: steps 5 and 6 are logged, the checkpoint is not
+        return orig(self, state, at)
+
+    cfg, kw = _tiny(tmp_path / "run", log_every=1)
+    with monkeypatch.context() as m:
+        m.setattr(state_mod.Checkpointer, "save", save)
+        with pytest.raises(Stop):
+            train(cfg, **kw)
+    run = RunDir(cfg.train.output_dir)
+    with open(run.log_path, "a") as f:
+        f.write('{"event": "train", "st')  # the kill landed mid-write
+    killed = [json.loads(x)["step"] for x in run.log_path.read_text().splitlines()[:-1]]
+    assert killed == [1, 2, 3, 4, 5, 6] and [p.name for p in run.checkpoint_paths()][-1] == "step-00000004.pt"
+    cfg, kw = _tiny(tmp_path / "run", log_every=1)
+    train(cfg, **kw)
+    records = [json.loads(x) for x in run.log_path.read_text().splitlines()]  # every line whole
+    assert [r["step"] for r in records if r["event"] == "train"] == [1, 2, 3, 4, 5, 6]
+    resume = [r for r in records if r["event"] == "resume"]
+    assert resume == [{"event": "resume", "step": 4, "from": "step-00000004.pt", "skipped": [],
+                       "log_records_dropped": 3}]
+    assert records.index(resume[0]) == 4  # right after the kept step-4 record
+
+
+def test_a_rewound_log_hides_the_dropped_steps_from_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = RunDir(tmp_path)
+    killed = state_mod.RunLog(run, tensorboard=True)
+    for step in (1, 2, 3):
+        killed.write({"event": "train", "step": step, "loss": float(step)})
+    killed.close()
+    resumed = state_mod.RunLog(run, tensorboard=True)
+    assert resumed.rewind(1) == 2
+    resumed.write({"event": "train", "step": 2, "loss": 20.0})
+    resumed.close()
+    assert [json.loads(x)["loss"] for x in run.log_path.read_text().splitlines()] == [1.0, 20.0]
+    acc = EventAccumulator(str(run.tensorboard))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(1, 1.0), (2, 20.0)]

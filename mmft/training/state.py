@@ -200,18 +200,48 @@ class Checkpointer:
 class RunLog:
     """log.jsonl of a run (one JSON record per line), mirrored to TensorBoard when train.tensorboard is set.
 
-    Numeric fields of a record become scalars named "<event>/<field>" at the record's step.
+    Numeric fields of a record become scalars named "<event>/<field>" at the record's step. A resumed run
+    first rewinds the log to its checkpoint, so that no step is logged twice.
     """
 
     def __init__(self, run: RunDir, tensorboard: bool = False):
-        self.path, self.writer = run.log_path, None
+        self.path, self.writer, self._purge_step = run.log_path, None, None
+        self._tensorboard = None  # (SummaryWriter, its folder); the writer opens with the first record
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 raise ImportError("train.tensorboard=true needs the tensorboard package: "
                                   "pip install 'mmft[tensorboard]' (or set train.tensorboard=false)") from e
-            self.writer = SummaryWriter(str(run.tensorboard))
+            self._tensorboard = SummaryWriter, str(run.tensorboard)
+
+    def rewind(self, step: int | None) -> int:
+        """Drop the records that the run is about to write again; returns how many were dropped.
+
+        step: the checkpoint step the run resumes from (the killed run logged later steps before it died,
+        and the resumed run logs them again), or None for a run that starts over (every record with a step
+        goes). Lines a kill cut short go too, so the next record starts on a line of its own. The file is
+        rewritten atomically; TensorBoard hides the old events from the same step on (its purge_step).
+        """
+        existed, kept, dropped = self.path.is_file(), [], 0
+        for line in self.path.read_bytes().splitlines(keepends=True) if existed else []:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            at = record.get("step") if isinstance(record, dict) else None
+            later = at is not None and (step is None or at > step)
+            if record is None or later or not line.endswith(b"\n"):
+                dropped += 1
+            else:
+                kept.append(line)
+        if dropped:
+            with writing(self.path), atomic_path(self.path) as tmp:
+                tmp.write_bytes(b"".join(kept))
+        if self._tensorboard is not None and (existed or step is not None):
+            self.close()  # the next record opens a writer that hides the old events past `step`
+            self._purge_step = 0 if step is None else step + 1
+        return dropped
 
     def write(self, record: dict) -> None:
         line = memoryview((json.dumps(record) + "\n").encode())
@@ -223,7 +253,10 @@ class RunLog:
             except OSError:
                 f.truncate(end)  # no half line left behind for readers of the log
                 raise
-        if self.writer is not None:
+        if self._tensorboard is not None:
+            if self.writer is None:
+                writer_class, folder = self._tensorboard
+                self.writer = writer_class(folder, purge_step=self._purge_step)
             for key, value in record.items():
                 numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
                 if key not in ("event", "step") and numeric:
@@ -233,3 +266,4 @@ class RunLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None

@@ -239,10 +239,17 @@ def _restore(s: Setup, saved: dict, same_world: bool) -> TrainState:
 
 
 def _note_resume(s: Setup, st: TrainState, saved: dict | None) -> None:
-    """Record a resume, and the damaged checkpoints it passed over, for summary.json (rank 0 knows them)."""
-    if s.is_main and (saved is not None or s.ckpt.skipped):
-        st.resumes.append({"step": st.step, "from": s.run.checkpoint(st.step).name if saved else None,
-                           "skipped": s.ckpt.skipped})
+    """Record a resume, and the damaged checkpoints it passed over, in summary.json and log.jsonl (rank 0
+    knows them). The log first loses what the killed run wrote past the checkpoint (this run writes those
+    steps again); a run that starts from scratch keeps no record of an earlier attempt's steps."""
+    if not s.is_main:
+        return
+    dropped = s.log.rewind(st.step if saved is not None else None)
+    if saved is not None or s.ckpt.skipped:
+        resume = {"step": st.step, "from": s.run.checkpoint(st.step).name if saved else None,
+                  "skipped": s.ckpt.skipped}
+        st.resumes.append(resume)
+        s.log.write({"event": "resume", **resume, "log_records_dropped": dropped})
 
 
 def _save_adapter(s: Setup, which: str) -> None:

@@ -47,11 +47,11 @@ class Kill:
     fraction: float = 0.0
     hang: str = ""
 
-    def where(self, run: Path, skip: int) -> str:
+    def where(self, run: Path, before: list[str]) -> str:
         """Where the kill landed, from what the killed process had logged."""
         if self.hang:
             return "in " + self.hang.replace("-", " ").replace(":", " ")
-        steps = _logged_steps(run, skip)
+        steps = _logged_steps(run, before)
         if (run / "summary.json").is_file():
             return "after the last step"
         return f"in step {steps[-1] + 1}" if steps else "before its first step"
@@ -140,12 +140,19 @@ def _kill_all(proc: subprocess.Popen) -> None:
         time.sleep(0.05)
 
 
-def _logged_steps(run: Path, skip: int) -> list[int]:
+def _log_lines(run: Path) -> list[str]:
     path = run / "log.jsonl"
-    if not path.is_file():
-        return []
-    lines = path.read_text().splitlines()[skip:]
-    return [r["step"] for r in map(_json_or_none, lines) if r and r.get("event") == "train"]
+    return path.read_text().splitlines() if path.is_file() else []
+
+
+def _logged_steps(run: Path, before: list[str]) -> list[int]:
+    """The train steps this process logged, `before` being the log it started from. A resumed run keeps
+    the part of that log up to its checkpoint (mmft drops the rest, which it logs again) and appends its
+    own records; its first record (the resume event, or a step with its own timing) differs from the
+    old record at that line, so its records start where the two logs part."""
+    lines = _log_lines(run)
+    kept = next((i for i, (a, b) in enumerate(zip(lines, before)) if a != b), min(len(lines), len(before)))
+    return [r["step"] for r in map(_json_or_none, lines[kept:]) if r and r.get("event") == "train"]
 
 
 def _json_or_none(line: str):
@@ -155,16 +162,12 @@ def _json_or_none(line: str):
         return None
 
 
-def _line_count(path: Path) -> int:
-    return len(path.read_text().splitlines()) if path.is_file() else 0
-
-
 def _last_line(log: Path) -> str:
     lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
     return lines[-1][:300] if lines else "(no output)"
 
 
-def _wait_for_kill(proc: subprocess.Popen, kill: Kill, run: Path, flag: Path, skip: int) -> str:
+def _wait_for_kill(proc: subprocess.Popen, kill: Kill, run: Path, flag: Path, before: list[str]) -> str:
     """'killed', 'finished' (exit 0 before the moment came) or 'failed'."""
     deadline, fire_at, seen, step_s = time.monotonic() + RUN_LIMIT_S, None, (0, 0.0), 0.1
     while time.monotonic() < deadline:
@@ -173,7 +176,7 @@ def _wait_for_kill(proc: subprocess.Popen, kill: Kill, run: Path, flag: Path, sk
         if kill.hang and flag.exists():
             fire_at = time.monotonic()
         elif not kill.hang and fire_at is None:
-            steps = _logged_steps(run, skip)
+            steps = _logged_steps(run, before)
             if steps and steps[-1] > seen[0]:  # a new step: how long steps take now
                 now = time.monotonic()
                 step_s = (now - seen[1]) / (steps[-1] - seen[0]) if seen[1] else step_s
@@ -248,9 +251,9 @@ def kill_and_resume(work: Path, launcher: list[str], config: Path, overrides: li
     for i, kill in enumerate(kills):
         flag = work / f"flag-{i}"
         extra = ["--hang", kill.hang, "--flag", str(flag)] if kill.hang else []
-        skip = _line_count(run / "log.jsonl")
+        before = _log_lines(run)
         proc = _start([*cmd, *extra], log, threads)
-        how = _wait_for_kill(proc, kill, run, flag, skip)
+        how = _wait_for_kill(proc, kill, run, flag, before)
         if how == "failed":
             out.crashes += 1
             out.notes.append(f"kill {i + 1}: the run failed first: {_last_line(log)}")
@@ -259,7 +262,7 @@ def kill_and_resume(work: Path, launcher: list[str], config: Path, overrides: li
             out.notes.append(f"kill {i + 1}: the run finished before the moment came")
             break
         out.injected += 1
-        where.append(kill.where(run, skip))
+        where.append(kill.where(run, before))
         damaged = _checkpoints_read_back(run)
         out.data_lost += len(damaged)
         out.notes += [f"kill {i + 1} ({where[-1]}) left a damaged checkpoint: {d}" for d in damaged]
@@ -272,7 +275,11 @@ def kill_and_resume(work: Path, launcher: list[str], config: Path, overrides: li
     differ = [k for k in reference if k not in got or not bool((got[k] == reference[k]).all())]
     max_diff = max(((got[k] - reference[k]).abs().max().item() for k in differ if k in got), default=0.0)
     out.data_lost += len(differ)
-    out.survived = out.injected if not differ else 0
+    steps = _logged_steps(run, [])
+    repeated = sorted({t for t in steps if steps.count(t) > 1})
+    out.survived = out.injected if not differ and not repeated else 0
+    if repeated:
+        out.notes.append(f"log.jsonl logs steps {repeated} more than once (resumed runs logged them again)")
     litter = [str(x.relative_to(run)) for x in run.rglob("*.tmp")]
     if litter:
         out.notes.append(f"temp files of interrupted writes left behind: {litter}")
