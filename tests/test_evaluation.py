@@ -212,22 +212,28 @@ def test_one_shot_iterator_is_refused(tuned):
         evaluate(model, {"domain": iter(_batches(10, 0))}, tokenizer=tok, progress=False)
 
 
-def test_evaluate_run_on_real_shards(tmp_path):
-    """A run directory (config + adapter) and real shards through mmft.data.stream: the path `mmft eval`
-    takes."""
-    pytest.importorskip("mmft.data.stream")
+def _swatch_shards(tmp_path, n: int, step: int, captions: tuple[str, ...]) -> list[str]:
+    """n flat-colour 36 px images (colour i * step) with the given captions ("{i}" filled in), written
+    as real shards of 5 through mmft.data.shard_writer; returns the shard paths."""
     from PIL import Image
 
     from mmft.data.shard_writer import make_shards
 
-    run, model, preprocess, tok = adapted_run_dir(tmp_path, seed=5)
     src = tmp_path / "src"
     src.mkdir()
-    for i in range(12):
-        Image.new("RGB", (36, 36), (20 * i, 255 - 20 * i, (70 * i) % 255)).save(src / f"im{i:02d}.png")
-        (src / f"im{i:02d}.txt").write_text(f"swatch {i}\ncolour card number {i}\n")
+    for i in range(n):
+        Image.new("RGB", (36, 36), (step * i, 255 - step * i, (70 * i) % 255)).save(src / f"im{i:02d}.png")
+        (src / f"im{i:02d}.txt").write_text("".join(c.format(i=i) + "\n" for c in captions))
     make_shards(src, tmp_path / "shards", samples_per_shard=5, progress=False)
-    shards = [str(p) for p in sorted((tmp_path / "shards").glob("*.tar"))]
+    return [str(p) for p in sorted((tmp_path / "shards").glob("*.tar"))]
+
+
+def test_evaluate_run_on_real_shards(tmp_path):
+    """A run directory (config + adapter) and real shards through mmft.data.stream: the path `mmft eval`
+    takes."""
+    pytest.importorskip("mmft.data.stream")
+    run, model, preprocess, tok = adapted_run_dir(tmp_path, seed=5)
+    shards = _swatch_shards(tmp_path, 12, step=20, captions=("swatch {i}", "colour card number {i}"))
     ecfg = EvalConfig(domain=shards, general=shards[:1], bootstrap=50, lora_scales=[0.0, 1.0])
     report = evaluate_run(run, ecfg, progress=False)
     assert report["sets"]["domain"] == {"images": 12, "captions": 24, "relevance": "instance"}
@@ -247,21 +253,12 @@ def test_evaluate_run_against_another_run_pairs_every_delta_with_it(tmp_path):
     """`mmft eval --against head-only=RUN --last`: the other run is scored first and as it is, every delta
     is that row's paired difference, and the last-step row scores the run's adapter-last."""
     pytest.importorskip("mmft.data.stream")
-    from PIL import Image
-
     from mmft.cli import main
-    from mmft.data.shard_writer import make_shards
 
     run, _, preprocess, tok = adapted_run_dir(tmp_path, seed=5)
     (tmp_path / "other").mkdir()
     other, other_model, _, _ = adapted_run_dir(tmp_path / "other", seed=6)
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(10):
-        Image.new("RGB", (36, 36), (25 * i, 255 - 25 * i, (70 * i) % 255)).save(src / f"im{i:02d}.png")
-        (src / f"im{i:02d}.txt").write_text(f"swatch {i}\n")
-    make_shards(src, tmp_path / "shards", samples_per_shard=5, progress=False)
-    shards = [str(p) for p in sorted((tmp_path / "shards").glob("*.tar"))]
+    shards = _swatch_shards(tmp_path, 10, step=25, captions=("swatch {i}",))
     ecfg = EvalConfig(domain=shards, bootstrap=50, lora_scales=[0.0, 1.0])
     report = evaluate_run(run, ecfg, tmp_path / "cmp", progress=False, against={"head-only": other},
                           last=True)

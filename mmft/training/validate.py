@@ -64,31 +64,28 @@ def recall_from_embeddings(img: torch.Tensor, txt: torch.Tensor, owner: torch.Te
 
 def recall_and_hits(img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor, groups=None,
                     ks=(1, 5)) -> tuple[dict, dict]:
-    """(recall_from_embeddings' metrics, per-query hits from `hit_vectors`)."""
+    """(recall_from_embeddings' metrics, per-query hits {direction: (|ks|, Q) 0/1 lists}: whether each
+    query hit within each k)."""
     img_labels = np.arange(img.shape[0]) if groups is None else groups.numpy().astype(np.int64)  # (N,)
     cap_labels = img_labels[owner.numpy()]  # (M,)
     img_np, txt_np = img.float().numpy(), txt.float().numpy()
     ranks = {"t2i": M.exact_first_ranks(txt_np, img_np, cap_labels, img_labels),  # (M,) 1-based, 0 = none
              "i2t": M.exact_first_ranks(img_np, txt_np, img_labels, cap_labels)}  # (N,)
+    hits = {d: np.stack([(r >= 1) & (r <= k) for k in ks]) for d, r in ranks.items()}  # (|ks|, Q) bool
     out = {}
-    for k in ks:
-        for d, r in ranks.items():
-            out[f"{d}_r{k}"] = 100.0 * float(((r >= 1) & (r <= k)).mean())
+    for j, k in enumerate(ks):
+        for d, h in hits.items():
+            out[f"{d}_r{k}"] = 100.0 * float(h[j].mean())
         out[f"mean_r{k}"] = (out[f"t2i_r{k}"] + out[f"i2t_r{k}"]) / 2
     out["mean"] = sum(out[f"mean_r{k}"] for k in ks) / len(ks)  # steadier than R@1 on small val splits
-    out.update(_intervals(ranks, ks))
-    return out, hit_vectors(ranks, ks)
-
-
-def hit_vectors(ranks: dict, ks) -> dict:
-    """{direction: (|ks|, Q) 0/1 lists}: whether each query hit within each k (the first validation's are
-    checkpointed, so they are plain lists)."""
-    return {d: [((r >= 1) & (r <= k)).astype(np.int8).tolist() for k in ks] for d, r in ranks.items()}
+    out.update(_intervals(hits, ks))
+    # plain 0/1 lists: the first validation's are checkpointed (weights_only loads them)
+    return out, {d: h.astype(np.int8).tolist() for d, h in hits.items()}
 
 
 def paired_gain(hits: dict, first: dict, n: int = 500) -> dict:
     """`mean` of `hits` minus `mean` of `first` (points), with a paired 95% bootstrap interval: each draw
-    resamples one direction's queries once for both steps (hit vectors from `hit_vectors`)."""
+    resamples one direction's queries once for both steps (hits from `recall_and_hits`)."""
     if set(hits) != set(first) or any(np.shape(hits[d]) != np.shape(first[d]) for d in hits):
         return {}  # the validation split changed (another config): nothing to pair with
     diffs = []
@@ -102,15 +99,15 @@ def paired_gain(hits: dict, first: dict, n: int = 500) -> dict:
     return {"gain": float(point), "gain_ci95": list(M.percentile_ci(gain))}
 
 
-def _intervals(ranks: dict, ks, n: int = 500) -> dict:
-    """95% bootstrap intervals (points) of mean_r{k} and mean: the two directions' queries are drawn
-    apart (captions and images are different query sets), the metric is their average per draw."""
-    hits = {d: np.stack([((r >= 1) & (r <= k)).astype(np.float64) for k in ks]) for d, r in ranks.items()}
+def _intervals(hits: dict, ks, n: int = 500) -> dict:
+    """95% bootstrap intervals (points) of mean_r{k} and mean from hits {direction: (|ks|, Q) bool}: the
+    two directions' queries are drawn apart (captions and images are different query sets), the metric
+    is their average per draw."""
     draws = {d: M.bootstrap_means(h, n, seed=i) for i, (d, h) in enumerate(sorted(hits.items()))}  # (n, |ks|)
     both = 50.0 * (draws["t2i"] + draws["i2t"])  # (n, |ks|) points
     out = {f"mean_r{k}_ci95": list(M.percentile_ci(both[:, j])) for j, k in enumerate(ks)}
     out["mean_ci95"] = list(M.percentile_ci(both.mean(1)))
-    out["queries"] = {d: int(r.shape[0]) for d, r in ranks.items()}
+    out["queries"] = {d: int(h.shape[1]) for d, h in hits.items()}
     return out
 
 

@@ -15,7 +15,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from faults.common import ROOT, Outcome, expect_refusal
+from faults.common import ROOT, Outcome, PicklePayload, expect_refusal
 from faults.training import CHILD, _adapter, _env, tiny_config
 
 STEPS = 8
@@ -161,16 +161,6 @@ def damaged_newest_checkpoint(work: Path) -> Outcome:
     return out
 
 
-class _Payload:
-    """Unpickling it opens (creates) a file: proof that loading ran code."""
-
-    def __init__(self, path: Path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 def pickled_checkpoint(work: Path) -> Outcome:
     """A checkpoint carrying a pickle payload, and one holding numpy RNG state as older mmft wrote it:
     both refused in one sentence naming the file, nothing run, the file untouched."""
@@ -182,7 +172,7 @@ def pickled_checkpoint(work: Path) -> Outcome:
 
     finished, _ = _finished_run(work)
     marker, out = work / "payload-ran", Outcome()
-    plants = {"pickle payload": lambda saved: saved.update(trainable=_Payload(marker)),
+    plants = {"pickle payload": lambda saved: saved.update(trainable=PicklePayload(marker)),
               "older mmft's numpy RNG state": lambda saved: saved["rng"].update(numpy=np.random.get_state())}
     for label, plant in plants.items():
         run = RunDir(work / label.split()[0])

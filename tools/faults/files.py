@@ -10,7 +10,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from faults.common import TINY_VIT, Outcome, expect_refusal
+from faults.common import TINY_VIT, Outcome, PicklePayload, expect_refusal
 
 
 def _variants(good: Path, work: Path, damage: dict[str, Callable[[Path], None]], load, error) -> Outcome:
@@ -180,16 +180,6 @@ def adapter_mismatch(work: Path) -> Outcome:
     }, load, AdapterLoadError)
 
 
-class _Payload:
-    """Unpickling this calls open(marker, "w"): the file's existence proves the code ran."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def checkpoint_pickle(work: Path) -> Outcome:
     import torch
 
@@ -199,7 +189,7 @@ def checkpoint_pickle(work: Path) -> Outcome:
     model, _ = _tiny_model()
     marker = work / "payload-ran"
     (work / "base").mkdir()
-    torch.save({**model.state_dict(), "extra": _Payload(marker)}, work / "base" / "model.pt")
+    torch.save({**model.state_dict(), "extra": PicklePayload(marker)}, work / "base" / "model.pt")
     cfg = ModelConfig(name="tiny-vit-faults", model_cfg=TINY_VIT, pretrained=str(work / "base" / "model.pt"))
     out = expect_refusal(lambda: create_model(cfg), ModelLoadError, work / "base", "pickle payload")
     if marker.exists():
