@@ -144,6 +144,31 @@ def test_groups_reach_the_loss(tmp_path, monkeypatch):
     assert seen and all(g is not None and g.shape == (16,) for g in seen)
 
 
+@pytest.mark.parametrize("precision, want", [("bf16", torch.bfloat16), ("fp16", torch.float16),
+                                             ("fp32", torch.float32)])
+def test_the_loss_takes_features_in_the_autocast_dtype(monkeypatch, precision, want):
+    """CUDA autocast returns fp32 features (F.normalize's norm runs in fp32): the trainer's loss casts
+    them to the run's half dtype, so impl="auto" picks the fused kernels; the cast passes gradients."""
+    import mmft.loss.contrastive as loss_mod
+    from mmft.training.trainer import pick_loss
+
+    seen = []
+    real = loss_mod.contrastive_loss
+    monkeypatch.setattr(loss_mod, "contrastive_loss",
+                        lambda image_features, text_features, *a, **kw: seen.append(
+                            (image_features.dtype, text_features.dtype, kw["extra_text_features"].dtype))
+                        or real(image_features.float(), text_features.float(), *a,
+                                **dict(kw, extra_text_features=kw["extra_text_features"].float())))
+    model, *_ = create_model(ModelConfig(name="tiny-vit", model_cfg=TINY_VIT))
+    _, loss_fn = pick_loss(model, TrainConfig(precision=precision, loss_impl="reference"))
+    feats = {k: torch.nn.functional.normalize(torch.randn(n, 8), dim=-1).requires_grad_()
+             for k, n in (("image_features", 4), ("text_features", 4), ("extra_text_features", 8))}
+    loss_fn({**feats, "logit_scale": torch.tensor(2.0)}).backward()
+    assert seen == [(want, want, want)]
+    assert all(f.grad is not None and f.grad.dtype == torch.float32 and f.grad.abs().sum() > 0
+               for f in feats.values())
+
+
 def test_accumulation_and_bf16_run(tmp_path):
     cfg = _cfg(tmp_path, steps=3, accum_steps=2, precision="bf16")
     model, tok, batches, _ = _data(cfg, n=96)
@@ -259,3 +284,30 @@ def test_tensorboard_mirrors_the_json_log(tmp_path):
     val_r1 = [(e.step, e.value) for e in acc.Scalars("val/t2i_r1")]
     assert val_r1 == [(r["step"], pytest.approx(r["t2i_r1"])) for r in records if r["event"] == "val"]
     assert "val/best" not in acc.Tags()["scalars"]  # flags are not plotted as numbers
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("grad_cache", [False, True], ids=["plain", "grad-cache"])
+def test_cuda_bf16_training_with_the_triton_loss(tmp_path, monkeypatch, grad_cache):
+    """The whole CUDA step: bf16 autocast, the fused Triton loss (which the spy sees), and gradient caching
+    in micro-batches of 4; the model learns as on CPU and its checkpoint loads back on the CPU."""
+    from mmft.loss.kernels import infonce_triton as kernel
+
+    dtypes = []  # the feature dtype of each call of the fused kernel
+    real = kernel.infonce_triton
+    monkeypatch.setattr(kernel, "infonce_triton",
+                        lambda a, *r, **kw: dtypes.append(a.dtype) or real(a, *r, **kw))
+    cfg = _cfg(tmp_path, steps=40, val_every=20, device="cuda", precision="bf16", loss_impl="triton",
+               grad_cache=grad_cache, micro_batch_size=4 if grad_cache else 0)
+    model, tok, batches, val = _data(cfg)
+    before = retrieval_recall(model, val, tok, "cpu")
+    run = train(cfg, train_data=batches, val_data=val, model=model, tokenizer=tok)
+    lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in lines if x["event"] == "train"]
+    vals = [x for x in lines if x["event"] == "val"]
+    assert len(dtypes) >= 40 and set(dtypes) == {torch.bfloat16}
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < 0.7 * losses[0], losses
+    assert vals[-1]["mean_r1"] > before["mean_r1"] + 10, (before, vals[-1])
+    ckpt = torch.load(max((run / "checkpoints").glob("step-*.pt")), map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 40

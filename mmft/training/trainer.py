@@ -61,7 +61,17 @@ def pick_loss(model: torch.nn.Module, cfg):
     if kind not in ("infonce", "sigmoid"):
         raise ValueError(f"train.loss must be auto, infonce or sigmoid, not '{kind}'")
     fn = sigmoid_loss if kind == "sigmoid" else contrastive_loss
-    return kind, lambda out, **groups: fn(**out, **groups, impl=cfg.loss_impl)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+
+    def loss(out: dict, **groups) -> torch.Tensor:
+        if half is not None:
+            # CUDA autocast hands back fp32 features (F.normalize's norm runs in fp32); the loss takes them
+            # in the autocast dtype, the precision autocast gives open_clip's own logit matmul, so that
+            # impl="auto" picks the fused kernels. The cast is differentiable: gradients reach fp32 leaves.
+            out = {k: v.to(half) if k.endswith("_features") else v for k, v in out.items()}
+        return fn(**out, **groups, impl=cfg.loss_impl)
+
+    return kind, loss
 
 
 def _epoch_batches(data, epoch: int, skip: int) -> Iterable:
