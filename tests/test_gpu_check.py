@@ -40,13 +40,16 @@ def test_dry_run_measures_every_step_and_writes_the_report(tmp_path):
 
 
 def test_report_says_what_did_not_run(tmp_path):
-    (tmp_path / "steps.tsv").write_text("install\t0\t12.0\ngpu_tests\t1\t30.5\nloss_bench\t124\t190.0\n")
+    (tmp_path / "steps.tsv").write_text("install\t0\t12.0\ngpu_tests\t1\t30.5\nloss_bench\t124\t190.0\n"
+                                        "index_bench\tskipped\t0.0\n")
+    (tmp_path / "index_bench.log").write_text("skipped: FAISS sees no GPU\n")
     (tmp_path / "pytest.txt").write_text("....F\n======= 1 failed, 4 passed in 20.1s =======\n")
     cfg = {"device": "cuda", "dtype": "bfloat16", "kind": "infonce", "impl": "triton", "B": 16384, "D": 512}
     row = {"cfg": cfg, "res": {"error": "not run: time budget"}}
     (tmp_path / "loss.jsonl").write_text(json.dumps(row) + "\n")
     report = gpu_report.gather(tmp_path)
-    assert [s["status"] for s in report["steps"]] == ["ok", "failed (exit 1)", "timed out"]
+    assert [s["status"] for s in report["steps"]] == ["ok", "failed (exit 1)", "timed out",
+                                                      "skipped: FAISS sees no GPU"]
     assert report["gpu_tests"] == "1 failed, 4 passed in 20.1s"
     page = gpu_report.markdown(report)
     assert "not run: time budget" in page

@@ -34,6 +34,10 @@ def _steps(out: Path) -> list[dict]:
     if (out / "steps.tsv").is_file():
         for line in (out / "steps.tsv").read_text().splitlines():
             name, rc, secs = line.split("\t")
+            if rc == "skipped":  # not run, on purpose; its log says why
+                reason = (out / f"{name}.log").read_text().strip() if (out / f"{name}.log").is_file() else ""
+                rows.append({"step": name, "exit": None, "status": reason or "skipped", "seconds": 0.0})
+                continue
             status = "ok" if rc == "0" else ("timed out" if rc in ("124", "137") else f"failed (exit {rc})")
             rows.append({"step": name, "exit": int(rc), "status": status, "seconds": float(secs)})
     return rows
