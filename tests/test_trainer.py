@@ -1,4 +1,5 @@
 """The trainer on tiny generated image-text pairs (no shards needed)."""
+import contextlib
 import json
 import os
 import signal
@@ -49,6 +50,12 @@ def test_training_lowers_loss_and_raises_recall(tmp_path):
     assert vals[-1]["gain_ci95"][0] <= vals[-1]["gain"] <= vals[-1]["gain_ci95"][1]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 40 and 0 < summary["trainable_share"] < 0.1
+    # how sure the choice of the best step is, from every validation's hits
+    sel = summary["selection"]
+    assert sel["chosen_step"] == summary["best"]["step"] and sel["metric"] == "mean"
+    assert sel["validations"] == 3  # steps 0 (the start), 20 and 40
+    assert 0 <= sel["chosen_share"] <= 1 and sum(sel["contenders"].values()) <= 1 + 1e-9
+    assert [x for x in lines if x["event"] == "selection"] == [{"event": "selection", "step": 40, **sel}]
     for d in ("adapter-best", "adapter-last"):
         assert (run / d / "adapter_model.safetensors").is_file()
     assert len(list((run / "checkpoints").glob("step-*.pt"))) <= cfg.train.keep_checkpoints
@@ -104,6 +111,37 @@ def test_resume_reaches_the_same_parameters(tmp_path):
     assert json.loads((Path(part.train.output_dir) / "summary.json").read_text())["steps"] == 12
     for n, t in ref.items():
         torch.testing.assert_close(got[n], t, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_a_resumed_run_chooses_its_step_from_every_validation(tmp_path, monkeypatch):
+    """Validations before a kill are checkpointed with their hits: the resumed run's selection noise
+    covers all of them, as an uninterrupted run's does, and an older checkpoint's first_val is read."""
+    from mmft.training import trainer as train_mod
+    from mmft.training.state import TrainState
+
+    def run(out, die_at=None):
+        cfg = _cfg(out, steps=12, checkpoint_every=4, val_every=4)
+        model, tok, batches, val = _data(cfg, n=48)
+        orig = train_mod.Checkpointer.save
+
+        def save(self, state, step):
+            path = orig(self, state, step)
+            if step == die_at:
+                raise KeyboardInterrupt
+            return path
+
+        with monkeypatch.context() as m:
+            m.setattr(train_mod.Checkpointer, "save", save)
+            with contextlib.suppress(KeyboardInterrupt):
+                train(cfg, train_data=batches, val_data=val, model=model, tokenizer=tok)
+        return Path(cfg.train.output_dir)
+
+    ref = json.loads((run(tmp_path / "a") / "summary.json").read_text())["selection"]
+    run(tmp_path / "b", die_at=8)
+    got = json.loads((run(tmp_path / "b") / "summary.json").read_text())["selection"]
+    assert ref["validations"] == 4 and got == ref  # steps 0, 4, 8 and 12
+    first = {"step": 4, "hits": {"t2i": [[1]], "i2t": [[0]]}}
+    assert TrainState.from_checkpoint({"step": 4, "first_val": first}).val_history == [first]
 
 
 def test_saved_config_is_the_one_that_ran_after_a_world_size_change(tmp_path):

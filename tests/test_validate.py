@@ -1,6 +1,7 @@
+import numpy as np
 import torch
 
-from mmft.training.validate import paired_gain, recall_and_hits, recall_from_embeddings
+from mmft.training.validate import paired_gain, recall_and_hits, recall_from_embeddings, selection_noise
 
 
 def _brute(img, txt, owner, groups, k):
@@ -86,3 +87,47 @@ def test_paired_gain_is_the_metric_difference_with_a_paired_interval():
     assert same["gain"] == 0 and same["gain_ci95"] == [0.0, 0.0]
     fewer = {d: [row[:-1] for row in h] for d, h in hits0.items()}
     assert paired_gain(hits1, fewer) == {}
+
+
+def _hits(rng, q: int, rates: dict) -> dict:
+    """Hits of one validation: per direction (2, q) 0/1 rows for R@1 and R@5 at the given hit rates."""
+    out = {}
+    for d, (r1, r5) in rates.items():
+        u = rng.random(q)
+        out[d] = torch.from_numpy(np.stack([u < r1, u < r5]).astype(np.uint8))  # R@1 hits are R@5 hits
+    return out
+
+
+def test_selection_noise_is_sure_of_a_clear_winner_and_not_of_a_coin_flip():
+    rng = np.random.default_rng(0)
+    weak = {"t2i": (0.2, 0.5), "i2t": (0.2, 0.5)}
+    strong = {"t2i": (0.5, 0.9), "i2t": (0.5, 0.9)}
+    clear = [{"step": s, "hits": _hits(rng, 300, r)} for s, r in ((10, weak), (20, strong), (30, weak))]
+    out = selection_noise(clear, "mean", chosen=20, n=400)
+    assert out["chosen_share"] == 1.0 and out["contenders"] == {"20": 1.0}
+    assert out["regret"] == 0.0 and out["validations"] == 3 and out["queries"] == {"t2i": 300, "i2t": 300}
+    assert out["over_last"]["step"] == 30 and out["over_last"]["gain_ci95"][0] > 20
+    # two steps with the same recall on 40 queries, hit by different queries: a coin flip (ties go
+    # to the earlier step, as in the trainer)
+    a = _hits(rng, 40, weak)
+    shuffled = {d: h[:, rng.permutation(40)] for d, h in a.items()}
+    flip = [{"step": 10, "hits": a}, {"step": 20, "hits": shuffled}]
+    out = selection_noise(flip, "mean", chosen=10, n=400)
+    assert 0.3 < out["chosen_share"] < 0.8 and set(out["contenders"]) == {"10", "20"}
+    assert out["regret_p95"] > 2.0 and "over_last" in out
+
+
+def test_selection_noise_follows_the_metric_and_refuses_what_it_cannot_score():
+    rng = np.random.default_rng(1)
+    t2i_good = {"t2i": (0.6, 0.9), "i2t": (0.1, 0.3)}
+    i2t_good = {"t2i": (0.1, 0.3), "i2t": (0.6, 0.9)}
+    hist = [{"step": 5, "hits": _hits(rng, 200, t2i_good)}, {"step": 10, "hits": _hits(rng, 200, i2t_good)}]
+    assert selection_noise(hist, "t2i_r1", chosen=5)["contenders"] == {"5": 1.0}
+    assert selection_noise(hist, "i2t_r5", chosen=10)["contenders"] == {"10": 1.0}
+    assert selection_noise(hist, "i2t_r5", chosen=5)["chosen_share"] == 0.0
+    assert "over_last" not in selection_noise(hist, "t2i_r1", chosen=5)  # the gain is of `mean` only
+    assert selection_noise(hist, "loss", chosen=5) == {}  # not a function of the hits
+    assert selection_noise(hist[:1], "mean", chosen=5) == {}  # one validation: nothing to choose
+    assert selection_noise(hist, "mean", chosen=7) == {}  # a step that was never validated
+    other_split = [hist[0], {"step": 10, "hits": _hits(rng, 150, i2t_good)}]
+    assert selection_noise(other_split, "mean", chosen=5) == {}

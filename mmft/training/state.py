@@ -35,7 +35,7 @@ from mmft.rundir import RunDir
 
 log = logging.getLogger("mmft.training.state")
 # The TrainState fields a checkpoint restores (the rest belong to the process that runs).
-CHECKPOINTED = ("step", "epoch", "batch_in_epoch", "best", "bad_vals", "last_val", "resumes", "first_val")
+CHECKPOINTED = ("step", "epoch", "batch_in_epoch", "best", "bad_vals", "last_val", "resumes", "val_history")
 # What else a checkpoint must hold (the trainer fills them in).
 REQUIRED = ("trainable", "optimizer", "scheduler", "scaler", "rng", "world_size", "accum_steps")
 START_OVER = "delete its checkpoints/ folder to start the run over"
@@ -68,7 +68,8 @@ class TrainState:
     bad_vals: int = 0  # validations in a row without improvement (early stopping)
     last_val: int | None = None  # step of the latest validation (a resumed run does not validate it again)
     resumes: list = field(default_factory=list)  # each resume: its step and the damaged checkpoints skipped
-    first_val: dict | None = None  # the run's first validation: step and per-query hits (gains pair with it)
+    # every validation's step and per-query hits: gains pair with the first, selection_noise reads them all
+    val_history: list = field(default_factory=list)
     # this process's own bookkeeping, not checkpointed
     last_loss: float = math.nan  # global-batch loss of the latest step
     samples: int = 0  # samples trained on by all ranks since this process started
@@ -79,7 +80,10 @@ class TrainState:
 
     @classmethod
     def from_checkpoint(cls, saved: dict) -> TrainState:
-        return cls(**{k: saved[k] for k in CHECKPOINTED if k in saved})
+        state = cls(**{k: saved[k] for k in CHECKPOINTED if k in saved})
+        if "val_history" not in saved and saved.get("first_val"):  # an older mmft kept the first alone
+            state.val_history = [saved["first_val"]]
+        return state
 
 
 def seed_everything(seed: int) -> None:

@@ -47,7 +47,7 @@ from mmft.training.state import (
     trainable_state,
     writing,
 )
-from mmft.training.validate import paired_gain, validation_scores
+from mmft.training.validate import paired_gain, selection_noise, validation_scores
 
 log = logging.getLogger("mmft.training.trainer")
 
@@ -290,10 +290,10 @@ def _validate(s: Setup, st: TrainState) -> bool:
     metrics = {}
     if s.is_main:
         metrics, hits = validation_scores(s.model, s.val_data, s.tokenizer, s.device)
-        if st.first_val is None:
-            st.first_val = {"step": st.step, "hits": hits}
-        else:  # what validation can see of the change since the run's first validation
-            metrics.update(paired_gain(hits, st.first_val["hits"]), gain_since=st.first_val["step"])
+        if st.val_history:  # what validation can see of the change since the run's first validation
+            first = st.val_history[0]
+            metrics.update(paired_gain(hits, first["hits"]), gain_since=first["step"])
+        st.val_history.append({"step": st.step, "hits": hits})
     metrics = dist_utils.broadcast_object(metrics)
     score = metrics[tcfg.val_metric]
     improved = score > st.best["score"]
@@ -390,24 +390,29 @@ def _finish(s: Setup, st: TrainState) -> None:
     """adapter-last (and adapter-best when no validation kept one), then summary.json, the run's last file."""
     elapsed = time.perf_counter() - st.t_start
     if s.is_main:
+        selection = selection_noise(st.val_history, s.cfg.train.val_metric, st.best["step"])
+        if selection:
+            s.log.write({"event": "selection", "step": st.step, **selection})
         s.log.close()
         _save_adapter(s, "last")
         if st.best["step"] is None:
             _save_adapter(s, "best")
         skipped = getattr(s.train_data, "stats", None)
         with writing(s.run.summary_path):
-            _write_summary(s, st, elapsed, skipped)
+            _write_summary(s, st, elapsed, skipped, selection)
     dist_utils.barrier()
 
 
-def _write_summary(s: Setup, st: TrainState, elapsed: float, skipped) -> None:
-    """summary.json: what the run did, how fast, what it skipped, and how often it was resumed."""
+def _write_summary(s: Setup, st: TrainState, elapsed: float, skipped, selection: dict) -> None:
+    """summary.json: what the run did, how fast, what it skipped, how often it was resumed, and how sure
+    the choice of the best step is (validate.selection_noise)."""
     s.run.write_summary({
         "steps": st.step, "epochs_completed": st.epoch, "loss": st.last_loss, "loss_kind": s.loss_kind,
         "samples_per_s": st.samples / max(elapsed, 1e-9), "train_seconds": elapsed, "world_size": s.world,
         "trainable_parameters": s.params.trainable, "total_parameters": s.params.total,
         "trainable_share": s.params.share, "best": st.best,
         "skipped": dict(skipped.counts) if skipped is not None else {}, "resumes": st.resumes,
+        "selection": selection,
     })
 
 

@@ -16,6 +16,10 @@ queries: every validation after the run's first also logs `gain` (its `mean` min
 validation's) with `gain_ci95`, a paired bootstrap interval (both steps' hit vectors resampled with
 the same queries). The best step's gain over the start is the figure that says whether training
 moved anything validation can see.
+
+At the end of a run, `selection_noise` replays the choice of the best step on resamples of the
+validation queries (every validation's hits are checkpointed): the share of draws the kept step wins,
+the other steps that win some, and how far behind the draw's best the kept step falls.
 """
 from __future__ import annotations
 
@@ -79,8 +83,8 @@ def recall_and_hits(img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor, g
         out[f"mean_r{k}"] = (out[f"t2i_r{k}"] + out[f"i2t_r{k}"]) / 2
     out["mean"] = sum(out[f"mean_r{k}"] for k in ks) / len(ks)  # steadier than R@1 on small val splits
     out.update(_intervals(hits, ks))
-    # plain 0/1 lists: the first validation's are checkpointed (weights_only loads them)
-    return out, {d: h.astype(np.int8).tolist() for d, h in hits.items()}
+    # uint8 tensors: every validation's are checkpointed for selection_noise (weights_only loads them)
+    return out, {d: torch.from_numpy(h.astype(np.uint8)) for d, h in hits.items()}
 
 
 def paired_gain(hits: dict, first: dict, n: int = 500) -> dict:
@@ -95,8 +99,61 @@ def paired_gain(hits: dict, first: dict, n: int = 500) -> dict:
         k = len(hits[d])
         diffs.append(draws[:, :k].mean(1) - draws[:, k:].mean(1))  # (n,)
     gain = 50.0 * (diffs[0] + diffs[1])  # (n,) points: the directions averaged, as in `mean`
-    point = 50.0 * sum(np.mean(hits[d]) - np.mean(first[d]) for d in hits)
+    point = 50.0 * sum(np.asarray(hits[d], np.float64).mean() - np.asarray(first[d], np.float64).mean()
+                       for d in hits)
     return {"gain": float(point), "gain_ci95": list(M.percentile_ci(gain))}
+
+
+def _metric_draws(means: dict, metric: str, ks) -> np.ndarray | None:
+    """`metric` (a key recall_and_hits logs) from per-direction recall draws {direction: (n, S, |ks|)
+    points}: (n, S); None for a metric that is not a function of the hits."""
+    for j, k in enumerate(ks):
+        if metric == f"mean_r{k}":
+            return (means["t2i"][..., j] + means["i2t"][..., j]) / 2
+        for d in means:
+            if metric == f"{d}_r{k}":
+                return means[d][..., j]
+    if metric == "mean":
+        return (means["t2i"].mean(-1) + means["i2t"].mean(-1)) / 2
+    return None
+
+
+def selection_noise(history: list[dict], metric: str, chosen: int, ks=(1, 5), n: int = 1000) -> dict:
+    """How sure the checkpoint choice is. `history`: every validation of the run, {"step", "hits"} in
+    order; `chosen`: the step the trainer kept (the first best by `metric`).
+
+    Each of n draws resamples the validation queries (the same queries for every step, each direction
+    on its own) and picks that draw's best step as the trainer would: `chosen_share` is the share of
+    draws the chosen step wins, `contenders` every step that wins at least 5% of them, and `regret`
+    how far the chosen step falls behind each draw's best, in points (mean and 95th percentile). With
+    the last validation elsewhere, `over_last` is the paired gain of the chosen step over it. {} when
+    the hits cannot be compared (a changed split) or the metric is not a function of them.
+    """
+    steps = [h["step"] for h in history]
+    if chosen not in steps or len(steps) < 2:
+        return {}
+    first = history[0]["hits"]
+    if any(set(h["hits"]) != set(first) or any(np.shape(h["hits"][d]) != np.shape(first[d]) for d in first)
+           for h in history) or set(first) != {"t2i", "i2t"} or np.shape(first["t2i"])[0] != len(ks):
+        return {}
+    means = {}
+    for i, d in enumerate(sorted(first)):
+        rows = np.concatenate([np.asarray(h["hits"][d], np.float64) for h in history])  # (S*|ks|, Q)
+        means[d] = 100.0 * M.bootstrap_means(rows, n, seed=i).reshape(n, len(steps), len(ks))
+    scores = _metric_draws(means, metric, ks)  # (n, S)
+    if scores is None:
+        return {}
+    wins = np.bincount(np.argmax(scores, axis=1), minlength=len(steps)) / n  # argmax: the first best
+    at = steps.index(chosen)
+    regret = scores.max(axis=1) - scores[:, at]  # (n,) points
+    out = {"metric": metric, "chosen_step": chosen, "chosen_share": float(wins[at]),
+           "contenders": {str(s): float(w) for s, w in zip(steps, wins) if w >= 0.05},
+           "regret": float(regret.mean()), "regret_p95": float(np.percentile(regret, 95)),
+           "validations": len(steps), "queries": {d: int(np.shape(first[d])[-1]) for d in first}, "draws": n}
+    if steps[-1] != chosen and metric == "mean":
+        gain = paired_gain(history[at]["hits"], history[-1]["hits"])
+        out["over_last"] = {"step": steps[-1], **gain}
+    return out
 
 
 def _intervals(hits: dict, ks, n: int = 500) -> dict:
