@@ -145,6 +145,28 @@ def test_configuration_errors_name_the_fix(dataset, tmp_path):
         train_loader(cfg(paths, hard_negatives=str(alien)), PREPROCESS, tokenize)
 
 
+def test_a_file_without_image_negatives_draws_random_training_images(dataset, tmp_path, caplog):
+    """Every image neighbour above the near-duplicate threshold (look-alike data, or a re-mine late in
+    training): the mined captions still serve, random training images stand in, and the run goes on."""
+    paths, keys, _ = dataset
+    records = [{"key": k, "group": None, "images": [], "image_scores": [], "texts": [f"first {o}"],
+                "text_keys": [o], "text_scores": [0.9]} for k, o in zip(keys, keys[1:] + keys[:1])]
+    path = write_mined(tmp_path / "texts-only.jsonl", {"k": 2, "group_field": "", "model": None}, records)
+    with caplog.at_level("WARNING", logger="mmft.data.negatives"):
+        stream = train_loader(cfg(paths, batch_size=7, hard_negatives=str(path), negatives_per_sample=2),
+                              PREPROCESS, tokenize)
+    assert "holds no image negatives" in caplog.text
+    src = stream._set.negatives
+    assert set(src.offsets) == set(keys)  # every training image may stand in
+    batches = list(stream)
+    assert sum(len(b["key"]) for b in batches) == len(keys)
+    for b in batches:
+        assert b["extra_image"].shape[:2] == (7, 2)
+        for key, tokens in zip(b["key"], b["extra_text"]):
+            images, texts, _ = src.choose(key, 0)
+            assert set(images) <= set(keys) and torch.equal(tokens, tokenize(texts))
+
+
 def test_reloaded_negatives_take_effect_next_epoch(dataset, tmp_path):
     """Re-mining during training: the stream reads the new file and the next epoch's batches use it."""
     paths, keys, path = dataset

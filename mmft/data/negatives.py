@@ -92,7 +92,10 @@ class NegativeSource:
                                f"'{mined.header.get('group_field', '')}' but training uses "
                                f"'{data_cfg.group_field}': mine again with the training config")
         wanted = {key for rec in mined.records.values() for key in rec["images"]}
-        return cls(mined, shard_offsets(urls, wanted), k, seed, draft_size)
+        if not wanted:  # every image neighbour was a near-duplicate: random training images stand in
+            logger.warning("data: %s holds no image negatives (all above its near-duplicate threshold?); "
+                           "random training images are the image negatives", data_cfg.hard_negatives)
+        return cls(mined, shard_offsets(urls, wanted or None), k, seed, draft_size)
 
     def choose(self, key: str, epoch: int) -> tuple[list[str], list[str], list[str]]:
         """K negative image keys, K negative captions and the K keys those captions come from."""
