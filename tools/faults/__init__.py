@@ -45,6 +45,8 @@ CASES = [
          training.kill_with_two_workers, fast=False),
     Case(f"kill -9 under torchrun, 2 processes on gloo ({_TINY})", "training", _RESUMED,
          training.kill_under_torchrun, fast=False),
+    Case(f"kill -9 with gradient caching, mined negatives and re-mining ({_TINY}, micro-batch 3, K=2)",
+         "training", _RESUMED, training.kill_with_grad_cache_and_negatives, fast=False),
     Case("kill -9 at random moments: the demo's LoRA config (mmft-mini 160 px, 8 steps)", "training",
          _RESUMED,
          training.kill_demo_lora, fast=False),

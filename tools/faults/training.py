@@ -329,6 +329,22 @@ def kill_under_torchrun(work: Path) -> Outcome:
     return _tiny_case(work, _random_kills(2, TINY_STEPS, seed=5), launcher=TORCHRUN)
 
 
+def kill_with_grad_cache_and_negatives(work: Path) -> Outcome:
+    """Gradient caching in micro-batches of 3 (of 8), 2 mined negatives per pair and re-mining with the
+    model being trained every 2 epochs: kills land in either pass of a cached step and around re-mines."""
+    config = tiny_config(work)
+    mined = work / "mined.jsonl"
+    if not mined.is_file():  # mined once with the base model, shared by the reference and the killed run
+        cmd = [*PYTHON, "-m", "mmft", "mine", "--config", str(config), "--k", "2", "--out", str(mined)]
+        if not _finish(cmd, work / "mine.log", threads=1):
+            return Outcome(injected=0, crashes=1, notes=[f"mining failed: {_last_line(work / 'mine.log')}"])
+    overrides = ["train.grad_cache=true", "train.micro_batch_size=3", f"data.hard_negatives={mined}",
+                 "data.negatives_per_sample=2", "data.remine_every=2"]
+    recipe = ("tiny-grad-cache-negatives", TINY_STEPS)
+    return kill_and_resume(work, PYTHON, config, overrides, _random_kills(4, TINY_STEPS, seed=6), recipe,
+                           threads=1)
+
+
 def kill_demo_lora(work: Path) -> Outcome:
     """The issue's reproduction: the demo's LoRA config with its overrides, killed at random moments;
     8 steps rather than the issue's 40 so that the suite keeps to its 10 minutes. The demo's data and
