@@ -141,3 +141,22 @@ def adapted_run_dir(tmp_path, seed: int):
     run.write_config(Config(model=mcfg))
     save_adapter(model, run.adapter("last"))
     return run.path, model, preprocess, tok
+
+
+class Stop(Exception):
+    """What stop_after_checkpoint raises: a kill right after a checkpoint was written."""
+
+
+def stop_after_checkpoint(step: int):
+    """A replacement for Checkpointer.save that raises Stop right after writing checkpoint `step`."""
+    from mmft.training.state import Checkpointer
+
+    orig = Checkpointer.save
+
+    def save(self, state, at):
+        path = orig(self, state, at)
+        if at == step:
+            raise Stop
+        return path
+
+    return save

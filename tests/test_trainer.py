@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_VIT, eval_batches, make_pairs, pair_batches
+from conftest import TINY_VIT, Stop, eval_batches, make_pairs, pair_batches, stop_after_checkpoint
 
 from mmft.config import Config, LoraConfig, ModelConfig, TrainConfig
 from mmft.model.factory import create_model
+from mmft.training.state import Checkpointer, TrainState
 from mmft.training.trainer import train
 from mmft.training.validate import retrieval_recall
 
@@ -34,16 +35,24 @@ def _data(cfg, n=64):
     return model, tok, pair_batches(pv, tok, pairs, cfg.data.batch_size), eval_batches(pv, pairs)
 
 
-def test_training_lowers_loss_and_raises_recall(tmp_path):
-    cfg = _cfg(tmp_path, steps=40, val_every=20)
+def _train_and_check_it_learned(cfg) -> tuple[Path, list[dict]]:
+    """Train on the tiny pairs; the loss falls below 0.7x its first value and mean R@1 rises 10+ points.
+    Returns the run directory and its log records."""
     model, tok, batches, val = _data(cfg)
     before = retrieval_recall(model, val, tok, "cpu")
     run = train(cfg, train_data=batches, val_data=val, model=model, tokenizer=tok)
     lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     losses = [x["loss"] for x in lines if x["event"] == "train"]
     vals = [x for x in lines if x["event"] == "val"]
-    assert losses[-1] < 0.7 * losses[0], losses
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < 0.7 * losses[0], losses
     assert vals and vals[-1]["mean_r1"] > before["mean_r1"] + 10, (before, vals[-1])
+    return run, lines
+
+
+def test_training_lowers_loss_and_raises_recall(tmp_path):
+    cfg = _cfg(tmp_path, steps=40, val_every=20)
+    run, lines = _train_and_check_it_learned(cfg)
+    vals = [x for x in lines if x["event"] == "val"]
     # later validations pair their queries with the first one's: the gain and its interval
     assert "gain" not in vals[0] and vals[-1]["gain_since"] == vals[0]["step"]
     assert vals[-1]["gain"] == pytest.approx(vals[-1]["mean"] - vals[0]["mean"])
@@ -76,7 +85,7 @@ def test_frozen_parameters_do_not_move(tmp_path):
     assert any(n.endswith("lora_B") for n in moved) and "visual.proj" in moved and "text_projection" in moved
 
 
-def test_resume_reaches_the_same_parameters(tmp_path):
+def test_resume_reaches_the_same_parameters(tmp_path, monkeypatch):
     """Stopped after a checkpoint, then resumed: the same parameters as one uninterrupted run."""
     full = _cfg(tmp_path / "a", steps=12, checkpoint_every=4)
     model, tok, batches, _ = _data(full, n=48)  # 3 batches per epoch: resume lands mid-epoch
@@ -85,26 +94,10 @@ def test_resume_reaches_the_same_parameters(tmp_path):
 
     part = _cfg(tmp_path / "b", steps=12, checkpoint_every=4)
     m1, tok1, b1, _ = _data(part, n=48)
-    # first run: dies right after writing its step-8 checkpoint
-    from mmft.training import trainer as train_mod
-
-    class Stop(Exception):
-        pass
-
-    orig = train_mod.Checkpointer.save
-
-    def save_then_die(self, state, step):
-        path = orig(self, state, step)
-        if step == 8:
-            raise Stop
-        return path
-
-    train_mod.Checkpointer.save = save_then_die
-    try:
+    with monkeypatch.context() as m:  # first run: dies right after writing its step-8 checkpoint
+        m.setattr(Checkpointer, "save", stop_after_checkpoint(8))
         with pytest.raises(Stop):
             train(part, train_data=b1, model=m1, tokenizer=tok1)
-    finally:
-        train_mod.Checkpointer.save = orig
     m2, tok2, b2, _ = _data(part, n=48)
     train(part, train_data=b2, model=m2, tokenizer=tok2)
     got = {n: p.detach() for n, p in m2.named_parameters() if p.requires_grad}
@@ -116,23 +109,12 @@ def test_resume_reaches_the_same_parameters(tmp_path):
 def test_a_resumed_run_chooses_its_step_from_every_validation(tmp_path, monkeypatch):
     """Validations before a kill are checkpointed with their hits: the resumed run's selection noise
     covers all of them, as an uninterrupted run's does, and an older checkpoint's first_val is read."""
-    from mmft.training import trainer as train_mod
-    from mmft.training.state import TrainState
-
     def run(out, die_at=None):
         cfg = _cfg(out, steps=12, checkpoint_every=4, val_every=4)
         model, tok, batches, val = _data(cfg, n=48)
-        orig = train_mod.Checkpointer.save
-
-        def save(self, state, step):
-            path = orig(self, state, step)
-            if step == die_at:
-                raise KeyboardInterrupt
-            return path
-
         with monkeypatch.context() as m:
-            m.setattr(train_mod.Checkpointer, "save", save)
-            with contextlib.suppress(KeyboardInterrupt):
+            m.setattr(Checkpointer, "save", stop_after_checkpoint(die_at))
+            with contextlib.suppress(Stop):
                 train(cfg, train_data=batches, val_data=val, model=model, tokenizer=tok)
         return Path(cfg.train.output_dir)
 
@@ -338,14 +320,7 @@ def test_cuda_bf16_training_with_the_triton_loss(tmp_path, monkeypatch, grad_cac
                         lambda a, *r, **kw: dtypes.append(a.dtype) or real(a, *r, **kw))
     cfg = _cfg(tmp_path, steps=40, val_every=20, device="cuda", precision="bf16", loss_impl="triton",
                grad_cache=grad_cache, micro_batch_size=4 if grad_cache else 0)
-    model, tok, batches, val = _data(cfg)
-    before = retrieval_recall(model, val, tok, "cpu")
-    run = train(cfg, train_data=batches, val_data=val, model=model, tokenizer=tok)
-    lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
-    losses = [x["loss"] for x in lines if x["event"] == "train"]
-    vals = [x for x in lines if x["event"] == "val"]
+    run, _ = _train_and_check_it_learned(cfg)
     assert len(dtypes) >= 40 and set(dtypes) == {torch.bfloat16}
-    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < 0.7 * losses[0], losses
-    assert vals[-1]["mean_r1"] > before["mean_r1"] + 10, (before, vals[-1])
     ckpt = torch.load(max((run / "checkpoints").glob("step-*.pt")), map_location="cpu", weights_only=True)
     assert ckpt["step"] == 40

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_VIT, make_pairs
+from conftest import TINY_VIT, Stop, make_pairs, stop_after_checkpoint
 
 from mmft.config import Config, ModelConfig, TrainConfig
 from mmft.rundir import RunDir
@@ -102,22 +102,6 @@ def _tiny(out: Path, **train_kw):
     return cfg, {"train_data": pair_batches(pv, tok, make_pairs(48), 16), "model": model, "tokenizer": tok}
 
 
-def _stop_after_checkpoint(step: int):
-    """A patch of Checkpointer.save that raises Stop right after writing checkpoint `step` (a kill)."""
-    class Stop(Exception):
-        pass
-
-    orig = state_mod.Checkpointer.save
-
-    def save(self, state, at):
-        path = orig(self, state, at)
-        if at == step:
-            raise Stop
-        return path
-
-    return Stop, save
-
-
 def _damage(path: Path, how: str) -> None:
     data = bytearray(path.read_bytes())
     if how == "truncated":
@@ -144,9 +128,8 @@ def tiny_reference(tmp_path_factory) -> dict[str, torch.Tensor]:
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, how, caplog, tiny_reference,
                                                                  monkeypatch):
     cfg, kw = _tiny(tmp_path / "run")
-    Stop, save = _stop_after_checkpoint(6)
     with monkeypatch.context() as m:
-        m.setattr(state_mod.Checkpointer, "save", save)
+        m.setattr(state_mod.Checkpointer, "save", stop_after_checkpoint(6))
         with pytest.raises(Stop):
             train(cfg, **kw)
     run = RunDir(cfg.train.output_dir)
