@@ -360,7 +360,7 @@ def test_killed_two_rank_run_resumes_from_its_checkpoint(setup, tmp_path):
         os.kill(pid, signal.SIGKILL)
     assert proc.wait(timeout=60) != 0
     saved = sorted(ckpts.glob("step-*.pt"))
-    state = torch.load(saved[-1], weights_only=False)
+    state = torch.load(saved[-1], weights_only=True)
     killed_at = state["step"]
     assert 0 < killed_at < 400 and state["world_size"] == WORLD and len(state["rng"]) == WORLD
 

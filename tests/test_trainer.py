@@ -136,7 +136,7 @@ def test_saved_config_is_the_one_that_ran_after_a_world_size_change(tmp_path):
     run = RunDir(cfg.train.output_dir)
     assert run.config().train.accum_steps == 1
     path = max(run.checkpoints.glob("step-*.pt"))
-    saved = torch.load(path, weights_only=False)
+    saved = torch.load(path, weights_only=True)
     saved["world_size"], saved["rng"] = 2, [saved["rng"]] * 2  # as two ranks would have written it
     torch.save(saved, path)
     again = _cfg(tmp_path, steps=3, checkpoint_every=2)
@@ -241,7 +241,7 @@ train(cfg, train_data=batches, model=model, tokenizer=tok)
     proc.wait()
     saved = sorted(ckpts.glob("step-*.pt"))
     assert saved, "no checkpoint before the kill"
-    step_at_kill = torch.load(saved[-1], weights_only=False)["step"]
+    step_at_kill = torch.load(saved[-1], weights_only=True)["step"]
     assert 0 < step_at_kill < 400
     from test_trainer import _cfg as cfg_fn
 
