@@ -41,6 +41,7 @@ OUT="$(cd "$OUT" && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 cd "$ROOT" || exit 1
 
+HAS_GPU_FAISS="import faiss, sys; sys.exit(0 if faiss.get_num_gpus() > 0 else 1)"  # exit 0: FAISS sees a GPU
 DEADLINE=$((SECONDS + 540))  # every step together within 9 minutes, start-up and report included
 
 # skip NAME REASON: record a step that was not run and why (steps.tsv status "skipped").
@@ -90,8 +91,7 @@ install_deps() {
     "$PY" -c "import ${pair%%:*}" 2>/dev/null || missing="$missing ${pair#*:}"
   done
   [ -z "$missing" ] || pip_install $missing || echo "could not install:$missing" >&2
-  local has_gpu="import faiss, sys; sys.exit(0 if faiss.get_num_gpus() > 0 else 1)"
-  "$PY" -c "$has_gpu" 2>/dev/null && return 0
+  "$PY" -c "$HAS_GPU_FAISS" 2>/dev/null && return 0
   local order="faiss-gpu-cu12 faiss-cuda"  # both need CUDA 12's runtime and cuBLAS, also under a CUDA 13 torch
   local online=0
   "$PY" -c "import socket; socket.create_connection(('pypi.org', 443), timeout=3)" 2>/dev/null && online=1
@@ -99,7 +99,7 @@ install_deps() {
     # only where a wheel is at hand: faiss-cpu is not removed for an install that cannot happen
     ls "$WHEELS/${pkg//-/_}"-*.whl > /dev/null 2>&1 || [ "$online" = 1 ] || continue
     "$PY" -m pip uninstall -q -y faiss-cpu > /dev/null 2>&1
-    if pip_install "$pkg" && "$PY" -c "$has_gpu"; then
+    if pip_install "$pkg" && "$PY" -c "$HAS_GPU_FAISS"; then
       echo "installed $pkg" >&2
       return 0
     fi
@@ -148,7 +148,7 @@ else
     echo "gpu_check.sh: torch sees no CUDA device; use --dry-run for the CPU-sized check" >&2
     exit 1
   fi
-  export PY WHEELS OUT
+  export PY WHEELS OUT HAS_GPU_FAISS
   export -f pip_install install_deps
   step install 60 bash -c install_deps
   write_env
@@ -160,7 +160,7 @@ else
   step loss_bench 190 "$PY" tools/bench_loss.py --device cuda --dtypes bfloat16 \
     --batch-sizes 16384,65536,262144 --dims 512 --impls open_clip,chunked,triton \
     --one-process --repeat 2 --budget 180 --json "$OUT/loss.jsonl"
-  if "$PY" -c "import faiss, sys; sys.exit(0 if faiss.get_num_gpus() > 0 else 1)" 2>/dev/null; then
+  if "$PY" -c "$HAS_GPU_FAISS" 2>/dev/null; then
     step index_bench 150 "$PY" tools/bench_index.py --sets overlapping --sizes 1000000 --targets 0.9 0.95 \
       --hnsw-max 0 --gpu --json "$OUT/index.jsonl"
   else  # CPU rows alone are docs/indexes.md's business, not this check's

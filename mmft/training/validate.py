@@ -68,7 +68,7 @@ def recall_from_embeddings(img: torch.Tensor, txt: torch.Tensor, owner: torch.Te
 
 def recall_and_hits(img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor, groups=None,
                     ks=(1, 5)) -> tuple[dict, dict]:
-    """(recall_from_embeddings' metrics, per-query hits {direction: (|ks|, Q) 0/1 lists}: whether each
+    """(recall_from_embeddings' metrics, per-query hits {direction: (|ks|, Q) uint8 tensor}: whether each
     query hit within each k)."""
     img_labels = np.arange(img.shape[0]) if groups is None else groups.numpy().astype(np.int64)  # (N,)
     cap_labels = img_labels[owner.numpy()]  # (M,)
@@ -87,10 +87,15 @@ def recall_and_hits(img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor, g
     return out, {d: torch.from_numpy(h.astype(np.uint8)) for d, h in hits.items()}
 
 
+def _same_queries(hits: dict, other: dict) -> bool:
+    """Whether two validations' hits score the same query sets (else the split changed: no pairing)."""
+    return set(hits) == set(other) and all(np.shape(hits[d]) == np.shape(other[d]) for d in hits)
+
+
 def paired_gain(hits: dict, first: dict, n: int = 500) -> dict:
     """`mean` of `hits` minus `mean` of `first` (points), with a paired 95% bootstrap interval: each draw
     resamples one direction's queries once for both steps (hits from `recall_and_hits`)."""
-    if set(hits) != set(first) or any(np.shape(hits[d]) != np.shape(first[d]) for d in hits):
+    if not _same_queries(hits, first):
         return {}  # the validation split changed (another config): nothing to pair with
     diffs = []
     for i, d in enumerate(sorted(hits)):
@@ -133,8 +138,8 @@ def selection_noise(history: list[dict], metric: str, chosen: int, ks=(1, 5), n:
     if chosen not in steps or len(steps) < 2:
         return {}
     first = history[0]["hits"]
-    if any(set(h["hits"]) != set(first) or any(np.shape(h["hits"][d]) != np.shape(first[d]) for d in first)
-           for h in history) or set(first) != {"t2i", "i2t"} or np.shape(first["t2i"])[0] != len(ks):
+    if not all(_same_queries(h["hits"], first) for h in history) or set(first) != {"t2i", "i2t"} \
+            or np.shape(first["t2i"])[0] != len(ks):
         return {}
     means = {}
     for i, d in enumerate(sorted(first)):
